@@ -1,0 +1,3 @@
+from mcpp.cli import main
+
+raise SystemExit(main())

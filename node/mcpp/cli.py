@@ -1,0 +1,134 @@
+"""The `mcpp` command line: keygen, node, cluster up/status/down, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from mcpp.errors import MCPPError
+
+__all__ = ["main"]
+
+
+def _node_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=["bootstrap", "worker"])
+    p.add_argument("--listen", metavar="MULTIADDR", help="libp2p listen address, e.g. /ip4/127.0.0.1/tcp/4001")
+    p.add_argument("--announce", metavar="MULTIADDR", nargs="+", help="addresses to advertise instead")
+    p.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", help="bootstrap peers (/ip4/../tcp/../p2p/<id>)")
+    p.add_argument("--identity", metavar="FILE", help="node key file (created if missing): a stable peer id")
+    p.add_argument("--mcp-host", metavar="H")
+    p.add_argument("--mcp-port", metavar="P", type=int)
+    p.add_argument("--mcp-transport", choices=["http", "stdio"])
+    p.add_argument("--allowed-hosts", metavar="HOST", nargs="+", help="extra Host headers the MCP endpoint accepts")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--muxer", choices=["yamux", "mplex"])
+    p.add_argument("--capabilities", metavar="NAME", nargs="+")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
+
+
+_NODE_KEYS = (
+    "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport",
+    "allowed_hosts", "data_dir", "muxer", "capabilities", "log_level",
+)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from mcpp import identity
+
+    kp = identity.generate()
+    identity.save(kp, args.out, overwrite=args.force)
+    print(identity.peer_id_of(kp))
+    return 0
+
+
+def _cmd_peer_id(args: argparse.Namespace) -> int:
+    from mcpp import identity
+
+    print(identity.peer_id_of(identity.load(args.file)))
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from mcpp.config import load_config
+    from mcpp.log import setup_logging
+    from mcpp.runner import run_node
+
+    flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_KEYS}
+    config = load_config(flags, os.environ, args.config)
+    setup_logging(config.log_level)
+    return run_node(config)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from mcpp import harness_cli
+
+    return harness_cli.run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mcpp import demo
+
+    return demo.run(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from mcpp import bench
+
+    return bench.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcpp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="write a new node key and print its peer id")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(fn=_cmd_keygen)
+
+    p = sub.add_parser("peer-id", help="print the peer id of a key file")
+    p.add_argument("file")
+    p.set_defaults(fn=_cmd_peer_id)
+
+    p = sub.add_parser("node", help="run one node (bootstrap or worker)")
+    _node_flags(p)
+    p.set_defaults(fn=_cmd_node)
+
+    p = sub.add_parser("cluster", help="start / inspect / stop a local N-node mesh")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+    up = csub.add_parser("up", help="start a mesh and stay in the foreground until SIGINT/SIGTERM")
+    up.add_argument("--nodes", type=int, default=5)
+    up.add_argument("--dir", default=".cluster")
+    up.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
+    up.add_argument("--backend", choices=["process"], default="process")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the mesh to form")
+    st = csub.add_parser("status", help="show the mesh started in --dir")
+    st.add_argument("--dir", default=".cluster")
+    dn = csub.add_parser("down", help="stop the mesh started in --dir")
+    dn.add_argument("--dir", default=".cluster")
+    p.set_defaults(fn=_cmd_cluster)
+
+    p = sub.add_parser("demo", help="start a 5-node mesh, show discovery and some MCP tool calls, stop")
+    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--dir", default=".mcpp-demo")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("bench", help="measure start-up, RSS, formation and RPC latency; write JSON")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(fn=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except MCPPError as e:
+        print(f"mcpp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,182 @@
+"""Node configuration: one frozen value object, one loader.
+
+Precedence for every setting: environment (`MCPP_*`) > command-line flag > YAML file > default.
+Only `load_config` reads the environment; everything else receives a `NodeConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mcpp.errors import ConfigError
+
+__all__ = [
+    "NodeConfig",
+    "load_config",
+    "ENV_PREFIX",
+    "DEFAULT_BOOTSTRAP_LISTEN",
+    "DEFAULT_WORKER_LISTEN",
+    "DEFAULT_MCP_PORT",
+    "SETTINGS",
+]
+
+ENV_PREFIX = "MCPP_"
+DEFAULT_BOOTSTRAP_LISTEN = "/ip4/127.0.0.1/tcp/4001"
+DEFAULT_WORKER_LISTEN = "/ip4/127.0.0.1/tcp/0"
+DEFAULT_MCP_PORT = 8765
+
+Role = Literal["bootstrap", "worker"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to run. Units are in the field names."""
+
+    role: Role = "worker"
+    listen: str = ""  # "" = the role's default (DEFAULT_*_LISTEN)
+    announce: tuple[str, ...] = ()  # addresses to advertise instead of the listen address
+    bootstrap: tuple[str, ...] = ()
+    identity: str | None = None
+    data_dir: str = "mcpp-data"
+    mcp_transport: Literal["http", "stdio"] = "http"
+    mcp_host: str = "127.0.0.1"
+    mcp_port: int = DEFAULT_MCP_PORT
+    allowed_hosts: tuple[str, ...] = ()  # extra Host headers accepted by the MCP endpoint
+    muxer: Literal["yamux", "mplex"] = "yamux"
+    capabilities: tuple[str, ...] = ()
+    log_level: str = "info"
+    discovery_interval_s: float = 1.0
+    ping_interval_s: float = 0.5
+    peer_timeout_s: float = 2.0
+    rpc_timeout_s: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def listen_addr(self) -> str:
+        if self.listen:
+            return self.listen
+        return DEFAULT_BOOTSTRAP_LISTEN if self.role == "bootstrap" else DEFAULT_WORKER_LISTEN
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# name -> (kind, validator hint). kinds: str, int, float, list, choice:<a|b>
+SETTINGS: dict[str, str] = {
+    "role": "choice:bootstrap|worker",
+    "listen": "str",
+    "announce": "list",
+    "bootstrap": "list",
+    "identity": "str",
+    "data_dir": "str",
+    "mcp_transport": "choice:http|stdio",
+    "mcp_host": "str",
+    "mcp_port": "port",
+    "allowed_hosts": "list",
+    "muxer": "choice:yamux|mplex",
+    "capabilities": "list",
+    "log_level": "choice:debug|info|warning|error",
+    "discovery_interval_s": "pos_float",
+    "ping_interval_s": "pos_float",
+    "peer_timeout_s": "pos_float",
+    "rpc_timeout_s": "pos_float",
+    "max_message_bytes": "pos_int",
+}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = SETTINGS[name]
+    where = f"{name} (from {source})"
+    if kind == "list":
+        if isinstance(value, str):
+            parts = value.replace(",", " ").split()
+            return tuple(parts)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(where, value, "expected a list of strings")
+    if kind.startswith("choice:"):
+        options = kind.split(":", 1)[1].split("|")
+        if value not in options:
+            raise ConfigError(where, value, f"must be one of {', '.join(options)}")
+        return value
+    if kind in ("port", "pos_int"):
+        try:
+            n = int(value)
+            if isinstance(value, float) or isinstance(value, bool):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(where, value, "expected an integer") from None
+        if kind == "port" and not 0 <= n <= 65535:
+            raise ConfigError(where, value, "must be a port between 0 and 65535")
+        if kind == "pos_int" and n <= 0:
+            raise ConfigError(where, value, "must be > 0")
+        return n
+    if kind == "pos_float":
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, value, "expected a number") from None
+        if not x > 0 or x != x or x == float("inf"):
+            raise ConfigError(where, value, "must be a finite number > 0")
+        return x
+    if value is None:
+        return None
+    if not isinstance(value, (str, int, float)):
+        raise ConfigError(where, value, "expected a string")
+    return str(value)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError("config", path, f"cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("config", path, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError("config", path, "the file must hold a mapping of settings")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in SETTINGS:
+            raise ConfigError(f"{name} (from {path})", value, "unknown setting")
+        out[name] = value
+    return out
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> NodeConfig:
+    """Build a NodeConfig. env > flags > file > defaults.
+
+    Args:
+        flags: settings given on the command line (None values mean "not given").
+        env: the environment to read `MCPP_*` from (pass `os.environ`); None reads nothing.
+        config_file: a YAML file of settings; `MCPP_CONFIG` in env overrides it.
+    Raises:
+        ConfigError: naming the setting and where it came from.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != []}
+    env = env or {}
+    path = env.get(ENV_PREFIX + "CONFIG") or config_file
+    merged: dict[str, Any] = {}
+    if path:
+        for k, v in _read_file(path).items():
+            merged[k] = _coerce(k, v, path)
+    for k, v in flags.items():
+        if k not in SETTINGS:
+            raise ConfigError(k, v, "unknown setting")
+        merged[k] = _coerce(k, v, "flag --" + k.replace("_", "-"))
+    for k in SETTINGS:
+        ev = env.get(ENV_PREFIX + k.upper())
+        if ev is not None and ev != "":
+            merged[k] = _coerce(k, ev, ENV_PREFIX + k.upper())
+    return NodeConfig(**merged)

@@ -1,0 +1,78 @@
+"""Kademlia DHT (py-libp2p KadDHT, server mode): mesh membership and capability adverts.
+
+Keys: `mcpp/mesh/1` is provided by every node; `mcpp/cap/1/<name>` by every node that has
+capability <name>. Provider records are re-provided periodically by the node and carry no
+liveness: the node checks liveness itself (peer table + pings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.tools.anyio_service import background_trio_service
+
+from mcpp.p2p import ID, IHost
+
+__all__ = ["Dht", "MESH_KEY", "capability_key", "open_dht"]
+
+MESH_KEY = "mcpp/mesh/1"
+log = logging.getLogger("mcpp.dht")
+
+
+def capability_key(name: str) -> str:
+    return f"mcpp/cap/1/{name}"
+
+
+class Dht:
+    def __init__(self, kad: KadDHT) -> None:
+        self._kad = kad
+
+    async def add_peer(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._kad.add_peer(ID.from_base58(peer_id))
+
+    def remove_peer(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self._kad.routing_table.remove_peer(ID.from_base58(peer_id))
+
+    async def provide(self, key: str) -> bool:
+        return bool(await self._kad.provide(key))
+
+    async def find_providers(self, key: str, count: int = 50) -> dict[str, list[str]]:
+        """Peer id -> multiaddrs of the nodes that provide `key` (deduplicated)."""
+        out: dict[str, list[str]] = {}
+        for info in await self._kad.find_providers(key, count):
+            pid = info.peer_id.to_base58()
+            addrs = out.setdefault(pid, [])
+            for a in info.addrs:
+                if str(a) not in addrs:
+                    addrs.append(str(a))
+        return out
+
+    async def random_walk(self) -> list[str]:
+        """Peers closest to a random key, found by an iterative network lookup."""
+        found = await self._kad.peer_routing.find_closest_peers_network(os.urandom(32))
+        return [p.to_base58() for p in found]
+
+    async def find_peer(self, peer_id: ID) -> list[str] | None:
+        info = await self._kad.find_peer(peer_id)
+        if info is None:
+            return None
+        return [str(a) for a in info.addrs]
+
+    def routing_table_size(self) -> int:
+        return int(self._kad.get_routing_table_size())
+
+    def routing_table_peers(self) -> list[str]:
+        return [p.to_base58() for p in self._kad.routing_table.get_peer_ids()]
+
+
+@contextlib.asynccontextmanager
+async def open_dht(host: IHost) -> AsyncIterator[Dht]:
+    kad = KadDHT(host, DHTMode.SERVER)
+    async with background_trio_service(kad):
+        yield Dht(kad)

@@ -1,0 +1,366 @@
+"""Start, inspect, fault and stop N-node meshes. Tests and the CLI use this module.
+
+`ClusterBackend` is the interface every backend implements (the process backend is here; a
+Docker backend can sit behind the same interface). Backends are context managers that stop
+everything they started, also when start-up fails half way.
+
+The process backend runs 1 bootstrap + N-1 workers as OS processes on 127.0.0.1. Workers get
+only the bootstrap's multiaddr. Children die with the harness (PR_SET_PDEATHSIG), so a killed
+harness leaves no orphan nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from mcpp import identity
+from mcpp.errors import HarnessError, NodeStartError
+
+__all__ = [
+    "NodeRecord",
+    "ClusterBackend",
+    "ProcessCluster",
+    "local_cluster",
+    "read_cluster_file",
+    "node_status",
+    "free_ports",
+    "CLUSTER_FILE",
+]
+
+CLUSTER_FILE = "cluster.json"
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    role: str
+    peer_id: str
+    multiaddrs: list[str]
+    mcp_url: str
+    pid: int
+
+    @property
+    def base_url(self) -> str:
+        return self.mcp_url.rsplit("/mcp", 1)[0]
+
+
+class ClusterBackend(Protocol):
+    """What every cluster backend offers (process now; docker later)."""
+
+    nodes: list[NodeRecord]
+    formed_in_s: float
+
+    def start(self) -> list[NodeRecord]: ...
+    def stop(self) -> None: ...
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None: ...
+    def restart(self, name: str) -> NodeRecord: ...
+    def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None) -> float: ...
+    def logs(self, name: str, lines: int = 40) -> str: ...
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that were free a moment ago (bind to port 0, then release)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_status(base_url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """GET /status of a node, or None if it does not answer."""
+    try:
+        r = httpx.get(base_url + "/status", timeout=timeout_s)
+        if r.status_code == 200:
+            data = r.json()
+            return data if isinstance(data, dict) else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return None
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class _Proc:
+    name: str
+    role: str
+    argv: list[str]
+    log_path: Path
+    mcp_port: int
+    popen: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class ProcessCluster:
+    """N nodes as local processes. Use as a context manager (or call start/stop)."""
+
+    size: int
+    directory: Path
+    base_port: int | None = None
+    node_args: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    formation_timeout_s: float = 60.0
+    progress: ProgressFn | None = None
+    nodes: list[NodeRecord] = field(default_factory=list)
+    formed_in_s: float = 0.0
+    _procs: dict[str, _Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise HarnessError("a cluster needs at least 1 node")
+        self.directory = Path(self.directory)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> ProcessCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _ports(self) -> list[int]:
+        if self.base_port is not None:
+            return list(range(self.base_port, self.base_port + 2 * self.size))
+        return free_ports(2 * self.size)
+
+    def start(self) -> list[NodeRecord]:
+        d = self.directory
+        (d / "logs").mkdir(parents=True, exist_ok=True)
+        (d / "keys").mkdir(parents=True, exist_ok=True)
+        ports = self._ports()
+        boot_key = d / "keys" / "node-0.key"
+        if not boot_key.exists():
+            identity.save(identity.generate(), boot_key)
+        boot_id = identity.peer_id_of(identity.load(boot_key))
+        boot_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{boot_id}"
+        t0 = time.monotonic()
+        for i in range(self.size):
+            name = f"node-{i}"
+            role = "bootstrap" if i == 0 else "worker"
+            p2p_port, mcp_port = ports[2 * i], ports[2 * i + 1]
+            argv = [
+                sys.executable, "-m", "mcpp", "node",
+                "--role", role,
+                "--identity", str(d / "keys" / f"{name}.key"),
+                "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}",
+                "--mcp-host", "127.0.0.1",
+                "--mcp-port", str(mcp_port),
+                "--data-dir", str(d / "data" / name),
+                *self.node_args,
+            ]
+            if role == "worker":
+                argv += ["--bootstrap", boot_addr]
+            self._procs[name] = _Proc(name, role, argv, d / "logs" / f"{name}.log", mcp_port)
+            self._spawn(self._procs[name])
+        self.nodes = self._wait_records()
+        self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
+        self.write_cluster_file()
+        return self.nodes
+
+    def _spawn(self, proc: _Proc) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}
+        env.update(self.env or {})
+        log = open(proc.log_path, "ab")
+        try:
+            proc.popen = subprocess.Popen(
+                proc.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+
+    def _base(self, proc: _Proc) -> str:
+        return f"http://127.0.0.1:{proc.mcp_port}"
+
+    def _wait_records(self, names: Sequence[str] | None = None) -> list[NodeRecord]:
+        names = list(names or self._procs)
+        deadline = time.monotonic() + self.formation_timeout_s
+        records: dict[str, NodeRecord] = {}
+        while len(records) < len(names):
+            for name in names:
+                if name in records:
+                    continue
+                proc = self._procs[name]
+                assert proc.popen is not None
+                if proc.popen.poll() is not None:
+                    raise NodeStartError(name, f"exited with code {proc.popen.returncode}", self.logs(name))
+                st = node_status(self._base(proc), 0.5)
+                if st is not None:
+                    records[name] = NodeRecord(
+                        name=name, role=proc.role, peer_id=st["peer_id"], multiaddrs=st["multiaddrs"],
+                        mcp_url=st["mcp_url"], pid=proc.popen.pid,
+                    )
+            if time.monotonic() > deadline:
+                missing = [n for n in names if n not in records]
+                raise NodeStartError(missing[0], "its MCP endpoint did not answer in time", self.logs(missing[0]))
+            if len(records) < len(names):
+                time.sleep(0.05)
+        if len(names) == len(self._procs):
+            return [records[n] for n in self._procs]
+        by_name = {r.name: r for r in self.nodes}
+        by_name.update(records)
+        return [by_name[n] for n in self._procs if n in by_name]
+
+    def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
+        """Wait until every running node lists all the other running nodes as connected.
+
+        Returns seconds since `_t0` (or since the call). Raises NodeStartError with logs on timeout.
+        """
+        t0 = time.monotonic() if _t0 is None else _t0
+        deadline = time.monotonic() + timeout_s
+        live = [r for r in self.nodes if self.is_running(r.name)]
+        want = (len(live) - 1) if expect is None else expect
+        ids = {r.peer_id for r in live}
+        last: dict[str, int] = {}
+        while True:
+            done = 0
+            for r in live:
+                st = node_status(r.base_url, 0.5)
+                seen = set(st.get("connected", [])) & ids if st else set()
+                last[r.name] = len(seen)
+                if len(seen) >= want and st and st.get("ready"):
+                    done += 1
+            if self.progress:
+                self.progress(done, len(live), "forming")
+            if done == len(live):
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                worst = min(last, key=lambda n: last[n])
+                raise NodeStartError(
+                    worst,
+                    f"mesh not formed in {timeout_s:g} s: it sees {last[worst]} of {want} peers "
+                    f"(Hint: check the logs in {self.directory / 'logs'})",
+                    self.logs(worst),
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM every node, wait up to 10 s, then SIGKILL what is left."""
+        procs = [p.popen for p in self._procs.values() if p.popen is not None and p.popen.poll() is None]
+        for pp in procs:
+            with contextlib.suppress(ProcessLookupError):
+                pp.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for pp in procs:
+            try:
+                pp.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pp.kill()
+                pp.wait()
+
+    # ---- faults and inspection ---------------------------------------------------------
+    def record(self, name: str) -> NodeRecord:
+        for r in self.nodes:
+            if r.name == name:
+                return r
+        raise HarnessError(f"no node named {name!r}")
+
+    def is_running(self, name: str) -> bool:
+        p = self._procs[name].popen
+        return p is not None and p.poll() is None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self._procs[name]
+        assert proc.popen is not None
+        proc.popen.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            proc.popen.wait(timeout=15)
+
+    def exit_code(self, name: str) -> int | None:
+        p = self._procs[name].popen
+        return None if p is None else p.poll()
+
+    def restart(self, name: str) -> NodeRecord:
+        """Start a stopped node again with the same arguments (same identity and ports)."""
+        if self.is_running(name):
+            raise HarnessError(f"{name} is still running")
+        proc = self._procs[name]
+        self._spawn(proc)
+        self.nodes = self._wait_records([name])
+        self.write_cluster_file()
+        return self.record(name)
+
+    def logs(self, name: str, lines: int = 40) -> str:
+        try:
+            text = self._procs[name].log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cluster_file(self) -> Path:
+        return self.directory / CLUSTER_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": "process",
+            "formed_in_s": round(self.formed_in_s, 3),
+            "harness_pid": os.getpid(),
+            "nodes": [asdict(r) for r in self.nodes],
+        }
+
+    def write_cluster_file(self) -> None:
+        tmp = self.cluster_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, self.cluster_file())
+
+
+@contextlib.contextmanager
+def local_cluster(
+    nodes: int,
+    directory: str | Path,
+    base_port: int | None = None,
+    node_args: Sequence[str] = (),
+    formation_timeout_s: float = 60.0,
+    progress: ProgressFn | None = None,
+) -> Iterator[ProcessCluster]:
+    """A formed N-node mesh of local processes; everything is stopped on exit."""
+    with ProcessCluster(
+        nodes, Path(directory), base_port, node_args, formation_timeout_s=formation_timeout_s, progress=progress
+    ) as c:
+        yield c
+
+
+def read_cluster_file(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CLUSTER_FILE
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise HarnessError(f"no cluster in {directory}: cannot read {path} ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise HarnessError(f"{path} does not hold a cluster record")
+    return data

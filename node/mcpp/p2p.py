@@ -1,0 +1,114 @@
+"""The libp2p layer: host construction (Noise + yamux/mplex), address parsing, error mapping.
+
+This module and `dht` are the only ones that import libp2p.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import multiaddr
+from libp2p import create_mplex_muxer_option, create_yamux_muxer_option, new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from mcpp.errors import ArgumentError, PeerUnreachable
+
+__all__ = [
+    "IHost",
+    "INetStream",
+    "ID",
+    "PeerInfo",
+    "TProtocol",
+    "make_host",
+    "parse_peer_multiaddr",
+    "parse_peer_id",
+    "parse_multiaddr",
+    "stream_peer_id",
+    "dial_errors",
+    "peer_multiaddrs",
+]
+
+logging.getLogger("libp2p").addHandler(logging.NullHandler())
+
+
+def make_host(key_pair: KeyPair, muxer: str, announce: tuple[str, ...] = ()) -> IHost:
+    """A host that speaks only Noise, with one connection per peer."""
+    sec_opt: Any = {
+        NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    }
+    muxer_opt = create_mplex_muxer_option() if muxer == "mplex" else create_yamux_muxer_option()
+    return new_host(
+        key_pair=key_pair,
+        sec_opt=sec_opt,
+        muxer_opt=muxer_opt,
+        # membership is mcpp's job (node.py): libp2p's auto-connector would re-dial dead peers
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1, dial_timeout=5.0, min_connections=0, low_watermark=0
+        ),
+        announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
+    )
+
+
+def parse_multiaddr(text: str, argument: str = "multiaddr") -> multiaddr.Multiaddr:
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise ArgumentError(argument, f"{text!r} is not a multiaddr (it must start with '/')")
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as e:
+        raise ArgumentError(argument, f"{text!r} is not a valid multiaddr ({e})") from e
+
+
+def parse_peer_multiaddr(text: str, argument: str = "multiaddr") -> PeerInfo:
+    """`/ip4/1.2.3.4/tcp/4001/p2p/<peer id>` -> PeerInfo; ArgumentError names `argument`."""
+    ma = parse_multiaddr(text, argument)
+    try:
+        return info_from_p2p_addr(ma)
+    except Exception as e:
+        raise ArgumentError(
+            argument, f"{text!r} must end with /p2p/<peer id> ({e})"
+        ) from e
+
+
+def parse_peer_id(text: str, argument: str = "peer_id") -> ID:
+    if not isinstance(text, str) or not text:
+        raise ArgumentError(argument, "must be a non-empty peer id string")
+    try:
+        pid = ID.from_base58(text)
+    except Exception as e:
+        raise ArgumentError(argument, f"{text!r} is not a valid peer id ({e})") from e
+    if pid.to_base58() != text:
+        raise ArgumentError(argument, f"{text!r} is not a valid peer id")
+    return pid
+
+
+def stream_peer_id(stream: INetStream) -> str:
+    return str(stream.muxed_conn.peer_id.to_base58())
+
+
+def peer_multiaddrs(host: IHost, pid: ID) -> list[str]:
+    try:
+        return [str(a) for a in host.get_peerstore().addrs(pid)]
+    except Exception:
+        return []
+
+
+@contextlib.contextmanager
+def dial_errors(peer_id: str) -> Iterator[None]:
+    """Translate whatever libp2p raises while dialing into PeerUnreachable."""
+    try:
+        yield
+    except PeerUnreachable:
+        raise
+    except Exception as e:  # libp2p has no common root for dial failures
+        raise PeerUnreachable(peer_id, f"{type(e).__name__}: {e}".strip()) from e

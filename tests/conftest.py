@@ -1,0 +1,62 @@
+"""Shared fixtures: real node processes on loopback, a real MCP client over HTTP."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mcpp.harness import ProcessCluster
+from mcp import Client
+
+from mcpp.mcp_client import structured
+
+
+@pytest.fixture(autouse=True)
+def _clean_mcpp_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("MCPP_"):
+            monkeypatch.delenv(k)
+
+
+def call(url: str, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call a tool through the MCP SDK client; raises ToolCallError on isError."""
+
+    async def go() -> dict[str, Any]:
+        async with Client(url) as c:
+            return structured(await c.call_tool(tool, args or {}))
+
+    return trio.run(go)
+
+
+def call_raw(url: str, tool: str, args: dict[str, Any]) -> Any:
+    async def go() -> Any:
+        async with Client(url) as c:
+            return await c.call_tool(tool, args)
+
+    return trio.run(go)
+
+
+def wait_until(pred: Any, timeout_s: float, interval_s: float = 0.1) -> float:
+    """Poll `pred` until true; returns the seconds it took; fails the test on timeout."""
+    import time
+
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
+    """A 5-node mesh shared by the read-mostly tests."""
+    d: Path = tmp_path_factory.mktemp("cluster5")
+    with ProcessCluster(5, d, formation_timeout_s=60) as c:
+        yield c

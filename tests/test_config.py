@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from mcpp.config import NodeConfig, load_config
+from mcpp.errors import ConfigError
+
+
+def test_defaults_depend_on_role() -> None:
+    assert load_config().listen_addr == "/ip4/127.0.0.1/tcp/0"
+    assert load_config({"role": "bootstrap"}).listen_addr == "/ip4/127.0.0.1/tcp/4001"
+    assert NodeConfig().muxer == "yamux"
+
+
+def test_precedence_env_over_flag_over_file_over_default(tmp_path: Path) -> None:
+    f = tmp_path / "node.yaml"
+    f.write_text("mcp_port: 1111\nmcp-host: 10.0.0.1\nrole: bootstrap\ncapabilities: [a, b]\n")
+    cfg = load_config({"mcp_port": 2222}, {}, str(f))
+    assert (cfg.mcp_port, cfg.mcp_host, cfg.role, cfg.capabilities) == (2222, "10.0.0.1", "bootstrap", ("a", "b"))
+    cfg = load_config({"mcp_port": 2222}, {"MCPP_MCP_PORT": "3333", "MCPP_BOOTSTRAP": "/a,/b"}, str(f))
+    assert cfg.mcp_port == 3333
+    assert cfg.bootstrap == ("/a", "/b")
+    assert load_config({}, {}, None).mcp_port == 8765
+
+
+def test_env_names_the_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_text("mcp_port: 4444\n")
+    assert load_config({}, {"MCPP_CONFIG": str(f)}).mcp_port == 4444
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "field"),
+    [
+        ({"mcp_port": 70000}, {}, "mcp_port"),
+        ({"role": "king"}, {}, "role"),
+        ({}, {"MCPP_MCP_PORT": "abc"}, "MCPP_MCP_PORT"),
+        ({}, {"MCPP_PING_INTERVAL_S": "-1"}, "ping_interval_s"),
+    ],
+)
+def test_bad_values_name_the_field(flags: dict, env: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(flags, env)
+    assert field in str(e.value)
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("mcp_prot: 1\n")
+    with pytest.raises(ConfigError, match="mcp_prot"):
+        load_config({}, {}, str(f))
+    f.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config({}, {}, str(f))
