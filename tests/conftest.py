@@ -26,11 +26,11 @@ def _clean_mcpp_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def call(url: str, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Call a tool through the MCP SDK client; raises ToolCallError on isError."""
 
-    async def go() -> dict[str, Any]:
+    async def go() -> Any:
         async with Client(url) as c:
-            return structured(await c.call_tool(tool, args or {}))
+            return await c.call_tool(tool, args or {})
 
-    return trio.run(go)
+    return structured(trio.run(go))
 
 
 def call_raw(url: str, tool: str, args: dict[str, Any]) -> Any:

@@ -12,7 +12,8 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+import trio
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.tools.anyio_service import background_trio_service
 
 from mcpp.p2p import ID, IHost
@@ -42,15 +43,36 @@ class Dht:
     async def provide(self, key: str) -> bool:
         return bool(await self._kad.provide(key))
 
-    async def find_providers(self, key: str, count: int = 50) -> dict[str, list[str]]:
-        """Peer id -> multiaddrs of the nodes that provide `key` (deduplicated)."""
+    async def find_providers(self, key: str, count: int = 50, network: bool = True) -> dict[str, list[str]]:
+        """Peer id -> multiaddrs of the nodes that provide `key` (deduplicated).
+
+        KadDHT.find_providers stops at the local store when that holds any record, so a node
+        that got ADD_PROVIDER from a few peers would never see the rest. With network=True we
+        ask every one of the K closest peers to the key (where records are stored) and merge.
+        """
+        kb = _encode_key(key)
+        infos = list(self._kad.provider_store.get_providers(kb))
+        if network:
+            closest = await self._kad.peer_routing.find_closest_peers_network(kb)
+
+            async def ask(peer: ID) -> None:
+                with trio.move_on_after(2):
+                    # a private helper of py-libp2p 0.8: the one-peer GET_PROVIDERS query
+                    provs, _ = await self._kad.provider_store._get_providers_from_peer_with_closers(peer, kb)
+                    infos.extend(provs)
+
+            async with trio.open_nursery() as n:
+                for peer in closest:
+                    n.start_soon(ask, peer)
         out: dict[str, list[str]] = {}
-        for info in await self._kad.find_providers(key, count):
+        for info in infos:
             pid = info.peer_id.to_base58()
             addrs = out.setdefault(pid, [])
             for a in info.addrs:
                 if str(a) not in addrs:
                     addrs.append(str(a))
+            if len(out) >= count:
+                break
         return out
 
     async def random_walk(self) -> list[str]:

@@ -33,4 +33,5 @@ def structured(result: Any) -> dict[str, Any]:
 async def call_tool(url: str, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
     """One call in a fresh session; raises ToolCallError for isError results."""
     async with Client(url) as c:
-        return structured(await c.call_tool(name, arguments or {}))
+        result = await c.call_tool(name, arguments or {})
+    return structured(result)

@@ -50,6 +50,7 @@ GONE_MEMORY_S = 300.0
 REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
 FAST_PHASE_S = 5.0
+MAX_BACKOFF_S = 4.0
 
 
 def _strip_p2p(addr: str) -> str:
@@ -213,7 +214,7 @@ class Node:
 
     def _fail_backoff(self, peer_id: str) -> None:
         b = self._backoff.get(peer_id)
-        delay = 0.5 if b is None else min(b.delay_s * 2, 30.0)
+        delay = 0.25 if b is None else min(b.delay_s * 2, MAX_BACKOFF_S)
         self._backoff[peer_id] = _Backoff(time.monotonic() + delay, delay)
 
     async def _hello(self, peer_id: str, source: str) -> None:
@@ -234,6 +235,11 @@ class Node:
         pid = ID.from_base58(peer_id)
         mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
         with dial_errors(peer_id):
+            # our own backoff decides when to retry; libp2p's 60 s negative cache would keep a
+            # restarted bootstrap unreachable for a minute
+            unblock = getattr(self.host.get_network(), "unblock_peer", None)
+            if unblock is not None:
+                unblock(pid)
             with trio.fail_after(timeout_s):
                 await self.host.connect(PeerInfo(pid, mas))
         await self._hello(peer_id, source)
@@ -332,10 +338,11 @@ class Node:
             self._providing = False
 
     async def _find(self, walk: bool) -> None:
+        """Dial the mesh peers the DHT knows; `walk` = full network lookup plus a random walk."""
         self._finding = True
         try:
             with trio.move_on_after(5):
-                found = await self.dht.find_providers(MESH_KEY)
+                found = await self.dht.find_providers(MESH_KEY, network=walk)
                 for pid, addrs in found.items():
                     self._consider(pid, addrs, "dht")
                 if walk:
@@ -362,7 +369,8 @@ class Node:
             self._spawn(self._provide)
         if not self._finding:
             self._discovery_tick += 1
-            self._spawn(self._find, self._discovery_tick % RANDOM_WALK_EVERY == 1)
+            fast = self._joined_at is not None and time.monotonic() - self._joined_at < FAST_PHASE_S
+            self._spawn(self._find, fast or self._discovery_tick % RANDOM_WALK_EVERY == 1)
 
     async def _discovery_loop(self) -> None:
         """Ticks every discovery_interval_s; 5x faster during the first FAST_PHASE_S after joining,

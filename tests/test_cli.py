@@ -1,0 +1,95 @@
+"""The command line: keygen, identity persistence, cluster up/status/down, stdio transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+from mcp import Client, StdioServerParameters
+
+from mcpp import identity
+
+from conftest import wait_until
+
+MCPP = [sys.executable, "-m", "mcpp"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_keygen_writes_a_key_and_prints_its_peer_id(tmp_path: Path) -> None:
+    out = tmp_path / "k" / "node.key"
+    res = subprocess.run(MCPP + ["keygen", "--out", str(out)], capture_output=True, text=True, check=True)
+    pid = res.stdout.strip()
+    assert pid.startswith("12D3KooW") and identity.peer_id_of(identity.load(out)) == pid
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(MCPP + ["keygen", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists already" in again.stderr  # never overwrites silently
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(b"garbage")
+    res = subprocess.run(MCPP + ["node", "--identity", str(bad)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "not a libp2p private key" in res.stderr
+
+
+def test_cluster_up_status_down_leaves_no_process(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    up = subprocess.Popen(MCPP + ["cluster", "up", "--nodes", "3", "--dir", str(d)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: (d / "cluster.json").exists(), 60)
+        data = json.loads((d / "cluster.json").read_text())
+        assert data["formed_in_s"] > 0 and len(data["nodes"]) == 3
+        assert [n["role"] for n in data["nodes"]] == ["bootstrap", "worker", "worker"]
+        for n in data["nodes"]:
+            assert set(n) >= {"name", "role", "peer_id", "multiaddrs", "mcp_url", "pid"}
+        st = subprocess.run(MCPP + ["cluster", "status", "--dir", str(d)], capture_output=True, text=True, check=True)
+        assert st.stdout.count("ready") == 3
+        subprocess.run(MCPP + ["cluster", "down", "--dir", str(d)], check=True, capture_output=True)
+        assert up.wait(20) == 0
+        for n in data["nodes"]:
+            assert not _alive(n["pid"])
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_harness_killed_mid_start_leaves_no_orphans(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    up = subprocess.Popen(MCPP + ["cluster", "up", "--nodes", "4", "--dir", str(d)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: len(list((d / "logs").glob("*.log"))) == 4 if (d / "logs").exists() else False, 30, 0.02)
+    children = subprocess.run(["pgrep", "-f", str(d)], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in children if int(p) != up.pid]
+    assert len(children) == 4
+    up.send_signal(signal.SIGKILL)
+    up.wait(5)
+    wait_until(lambda: not any(_alive(p) for p in children), 15)
+
+
+def test_stdio_transport_lists_tools(tmp_path: Path) -> None:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcpp", "node", "--mcp-transport", "stdio", "--data-dir", str(tmp_path), "--role", "bootstrap",
+              "--listen", "/ip4/127.0.0.1/tcp/0"],
+    )
+
+    async def go() -> tuple[set[str], dict]:
+        async with Client(params) as c:
+            tools = {t.name for t in (await c.list_tools()).tools}
+            res = await c.call_tool("peer_metrics", {})
+            return tools, dict(res.structured_content or {})
+
+    tools, own = trio.run(go)
+    assert {"peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network"} <= tools
+    assert own["role"] == "bootstrap" and own["peers_connected"] == 0 and own["rss_mb"] > 0
