@@ -93,3 +93,47 @@ def test_stdio_transport_lists_tools(tmp_path: Path) -> None:
     tools, own = trio.run(go)
     assert {"peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network"} <= tools
     assert own["role"] == "bootstrap" and own["peers_connected"] == 0 and own["rss_mb"] > 0
+
+
+def test_seed_renders_multiaddrs_a_node_accepts(tmp_path: Path) -> None:
+    key = tmp_path / "b.key"
+    subprocess.run(MCPP + ["keygen", "--out", str(key)], check=True, capture_output=True)
+    pid = identity.peer_id_of(identity.load(key))
+    out = subprocess.run(MCPP + ["seed", "--seed", f"{key}:127.0.0.1:4001", "--seed", f"{key}:boot.mesh:4002",
+                                 "--format", "env"], check=True, capture_output=True, text=True).stdout
+    assert out == f"MCPP_BOOTSTRAP=/ip4/127.0.0.1/tcp/4001/p2p/{pid},/dns4/boot.mesh/tcp/4002/p2p/{pid}\n"
+    cm = subprocess.run(MCPP + ["seed", "--seed", f"{key}:10.0.0.5:4001", "--format", "configmap"],
+                        check=True, capture_output=True, text=True).stdout
+    assert "kind: ConfigMap" in cm and f"/ip4/10.0.0.5/tcp/4001/p2p/{pid}" in cm
+    bad = subprocess.run(MCPP + ["seed", "--seed", f"{key}:h:0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "port" in bad.stderr
+
+
+def test_node_reads_yaml_then_flags_then_env(tmp_path: Path) -> None:
+    """env > flag > file, on a real node process: the MCP port it actually serves on tells."""
+    import httpx
+
+    from mcpp.harness import free_ports
+
+    p_file, p_flag, p_env = free_ports(3)
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"role: bootstrap\nmcp_port: {p_file}\nlisten: /ip4/127.0.0.1/tcp/0\ndata_dir: {tmp_path / 'd'}\n")
+
+    def serves_on(args: list[str], env: dict[str, str], port: int) -> None:
+        proc = subprocess.Popen(MCPP + ["node", "--config", str(cfg), *args], env={**os.environ, **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def up() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=0.5).json()["role"] == "bootstrap"
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, 20)
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
+
+    serves_on([], {}, p_file)
+    serves_on(["--mcp-port", str(p_flag)], {}, p_flag)
+    serves_on(["--mcp-port", str(p_flag)], {"MCPP_MCP_PORT": str(p_env)}, p_env)

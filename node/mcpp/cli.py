@@ -51,6 +51,22 @@ def _cmd_peer_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_seed(args: argparse.Namespace) -> int:
+    from mcpp import seed
+
+    seeds = []
+    for spec in args.seed:
+        try:
+            key, host, port = spec.rsplit(":", 2)
+            seeds.append(seed.seed_from_key(key, host, int(port)))
+        except ValueError:
+            from mcpp.errors import ArgumentError
+
+            raise ArgumentError("--seed", f"{spec!r} is not KEY_FILE:HOST:PORT") from None
+    sys.stdout.write(seed.render(seeds, args.format))
+    return 0
+
+
 def _cmd_node(args: argparse.Namespace) -> int:
     from mcpp.config import load_config
     from mcpp.log import setup_logging
@@ -92,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peer-id", help="print the peer id of a key file")
     p.add_argument("file")
     p.set_defaults(fn=_cmd_peer_id)
+
+    p = sub.add_parser("seed", help="render the bootstrap multiaddr list for the harness, Compose or Kubernetes")
+    p.add_argument("--seed", action="append", required=True, metavar="KEY_FILE:HOST:PORT",
+                   help="a bootstrap's key file, and the host and libp2p port it is reached at (repeatable)")
+    p.add_argument("--format", default="lines", choices=["lines", "env", "yaml", "json", "configmap"])
+    p.set_defaults(fn=_cmd_seed)
 
     p = sub.add_parser("node", help="run one node (bootstrap or worker)")
     _node_flags(p)

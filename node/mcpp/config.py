@@ -52,8 +52,8 @@ class NodeConfig:
     capabilities: tuple[str, ...] = ()
     log_level: str = "info"
     discovery_interval_s: float = 1.0
-    ping_interval_s: float = 0.5
-    peer_timeout_s: float = 2.0
+    ping_interval_s: float = 2.0
+    peer_timeout_s: float = 5.0
     rpc_timeout_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
 

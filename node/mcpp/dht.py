@@ -21,6 +21,7 @@ from mcpp.p2p import ID, IHost
 __all__ = ["Dht", "MESH_KEY", "capability_key", "open_dht"]
 
 MESH_KEY = "mcpp/mesh/1"
+ALPHA = 3
 log = logging.getLogger("mcpp.dht")
 
 
@@ -48,12 +49,13 @@ class Dht:
 
         KadDHT.find_providers stops at the local store when that holds any record, so a node
         that got ADD_PROVIDER from a few peers would never see the rest. With network=True we
-        ask every one of the K closest peers to the key (where records are stored) and merge.
+        also ask the ALPHA peers of our routing table closest to the key (records are stored on
+        the K closest, so those hold them) and merge.
         """
         kb = _encode_key(key)
         infos = list(self._kad.provider_store.get_providers(kb))
         if network:
-            closest = await self._kad.peer_routing.find_closest_peers_network(kb)
+            closest = self._kad.routing_table.find_local_closest_peers(kb, ALPHA)
 
             async def ask(peer: ID) -> None:
                 with trio.move_on_after(2):

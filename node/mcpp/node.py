@@ -44,13 +44,18 @@ log = logging.getLogger("mcpp.node")
 
 PEER_STATUSES = ("connected", "known", "all")
 SORT_KEYS = ("latency", "last_seen", "peer_id", "reputation")
-REPROVIDE_S = 10.0
-RANDOM_WALK_EVERY = 5  # discovery ticks
+REPROVIDE_S = 20.0
+EARLY_REPROVIDE_S = 1.5
+NETWORK_FIND_S = 15.0
+EARLY_NETWORK_FIND_S = 3.0
+FORMING_S = 15.0  # after joining, the mesh is still being found: look 4x as often
+WATCH_S = 0.25
+RANDOM_WALK_S = 30.0
 GONE_MEMORY_S = 300.0
 REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
-FAST_PHASE_S = 5.0
 MAX_BACKOFF_S = 4.0
+DIAL_GRACE_S = 2.0
 
 
 def _strip_p2p(addr: str) -> str:
@@ -99,7 +104,9 @@ class Node:
         self._providing = False
         self._finding = False
         self._last_provide = 0.0
-        self._discovery_tick = 0
+        self._last_network_find = -1e9
+        self._first_seen: dict[str, float] = {}
+        self._last_walk = -1e9
         self._kick = trio.Event()
         self._joined_at: float | None = None
         self._process = psutil.Process()
@@ -179,6 +186,7 @@ class Node:
         rec.last_seen = now
         self._gone.pop(peer_id, None)
         self._backoff.pop(peer_id, None)
+        self._first_seen.pop(peer_id, None)
         await self.dht.add_peer(peer_id)
         self._update_peer_gauges()
         if self._joined_at is None:
@@ -270,6 +278,11 @@ class Node:
         rec = self.table.get(peer_id)
         if rec is not None and rec.connected:
             return
+        # Tie-break: of two peers that find each other, the smaller id dials; the other waits
+        # DIAL_GRACE_S for it. Simultaneous dials make libp2p drop one of the two connections.
+        first = self._first_seen.setdefault(peer_id, time.monotonic())
+        if self.peer_id > peer_id and time.monotonic() - first < DIAL_GRACE_S:
+            return
         if not addrs:
             addrs = peer_multiaddrs(self.host, ID.from_base58(peer_id))
         if not addrs:
@@ -297,7 +310,7 @@ class Node:
             for pid, t in list(self._gone.items()):
                 if now - t > GONE_MEMORY_S:
                     del self._gone[pid]
-            await trio.sleep(0.1)
+            await trio.sleep(WATCH_S)
 
     async def _ping_one(self, rec: PeerRecord) -> None:
         pid = rec.peer_id
@@ -318,6 +331,8 @@ class Node:
             self._ping_inflight.discard(pid)
 
     async def _ping_loop(self) -> None:
+        """Ping every connected peer every ping_interval_s (RTT samples and liveness of peers that
+        hang without closing the connection; a closed connection is noticed by _watch_loop)."""
         while True:
             for rec in self.table.connected():
                 if rec.hello_done and rec.peer_id not in self._ping_inflight:
@@ -326,6 +341,7 @@ class Node:
 
     async def _provide(self) -> None:
         self._providing = True
+        t0 = time.monotonic()
         try:
             with trio.move_on_after(10):
                 await self.dht.provide(MESH_KEY)
@@ -336,13 +352,32 @@ class Node:
             log.debug("provide failed", extra=kv(error=str(e)))
         finally:
             self._providing = False
+            log.debug("provide done", extra=kv(took_s=round(time.monotonic() - t0, 3)))
 
-    async def _find(self, walk: bool) -> None:
-        """Dial the mesh peers the DHT knows; `walk` = full network lookup plus a random walk."""
+    def _forming(self) -> bool:
+        return self._joined_at is None or time.monotonic() - self._joined_at < FORMING_S
+
+    def _reprovide_s(self) -> float:
+        """A record provided at join reaches only the few peers known then (the K closest *found*):
+        provide again EARLY_REPROVIDE_S later, when the routing table holds the mesh, then every
+        REPROVIDE_S."""
+        if self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S:
+            return EARLY_REPROVIDE_S
+        return REPROVIDE_S
+
+    async def _find(self, network: bool, walk: bool) -> None:
+        """Dial the mesh peers the DHT knows.
+
+        network=False reads only this node's provider store (free; every node's provide() pushes
+        its record to the K closest peers, i.e. to everyone in a mesh of <= 20); network=True also
+        asks the closest peers (catches records we were not sent); walk adds a random-key lookup.
+        """
         self._finding = True
+        t0 = time.monotonic()
+        found: dict[str, list[str]] = {}
         try:
             with trio.move_on_after(5):
-                found = await self.dht.find_providers(MESH_KEY, network=walk)
+                found = await self.dht.find_providers(MESH_KEY, network=network)
                 for pid, addrs in found.items():
                     self._consider(pid, addrs, "dht")
                 if walk:
@@ -352,6 +387,9 @@ class Node:
             log.debug("discovery failed", extra=kv(error=str(e)))
         finally:
             self._finding = False
+            if network or walk:
+                log.debug("find done", extra=kv(network=network, walk=walk, found=len(found),
+                                                took_s=round(time.monotonic() - t0, 3)))
 
     async def discovery_tick(self) -> None:
         for addr in self.config.bootstrap:
@@ -365,24 +403,35 @@ class Node:
                 self._spawn(self._background_dial, pid, [addr], "bootstrap")
         if not self.table.connected():
             return
-        if not self._providing and (self._last_provide == 0.0 or time.monotonic() - self._last_provide > REPROVIDE_S):
+        now = time.monotonic()
+        if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
             self._spawn(self._provide)
         if not self._finding:
-            self._discovery_tick += 1
-            fast = self._joined_at is not None and time.monotonic() - self._joined_at < FAST_PHASE_S
-            self._spawn(self._find, fast or self._discovery_tick % RANDOM_WALK_EVERY == 1)
+            forming = self._forming()
+            network = now - self._last_network_find > (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S)
+            walk = now - self._last_walk > RANDOM_WALK_S
+            if network:
+                self._last_network_find = now
+            if walk:
+                self._last_walk = now
+            self._spawn(self._find, network, walk)
 
     async def _discovery_loop(self) -> None:
-        """Ticks every discovery_interval_s; 5x faster during the first FAST_PHASE_S after joining,
-        when the rest of the mesh is still being found."""
+        """A cheap tick (local provider store, bootstrap redial) every discovery_interval_s, 4x as
+        often while forming; network lookups every NETWORK_FIND_S (EARLY_NETWORK_FIND_S while
+        forming, and at once on joining); random walks every RANDOM_WALK_S."""
         while True:
             await self.discovery_tick()
             interval = self.config.discovery_interval_s
-            if self._joined_at is not None and time.monotonic() - self._joined_at < FAST_PHASE_S:
-                interval /= 5
-            with trio.move_on_after(interval):
+            with trio.move_on_after(interval / 4 if self._forming() else interval):
                 await self._kick.wait()
-            self._kick = trio.Event()
+            if self._kick.is_set():
+                # joined just now: ask the closest peers at once; the random walk (which dials
+                # every peer it meets) waits, so that a whole mesh starting together does not
+                # storm itself with duplicate connections
+                self._last_network_find = -1e9
+                self._last_walk = time.monotonic()
+                self._kick = trio.Event()
 
     async def _sample_traffic(self) -> None:
         while True:
@@ -674,7 +723,7 @@ class Node:
                 n.start_soon(one, addr, pid)
         if connected:
             with trio.move_on_after(max(0.1, min(timeout_s, 5))):
-                await self._find(walk=True)
+                await self._find(network=True, walk=True)
         return {
             "connected": connected,
             "failed": failed,

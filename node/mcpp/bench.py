@@ -1,0 +1,331 @@
+"""`mcpp bench`: start-up, idle RSS, mesh formation and RPC latency, measured on real processes.
+
+Writes OUT/results.json, OUT/results.md and OUT/*.png. Every figure comes from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from mcpp import identity
+from mcpp.config import NodeConfig
+from mcpp.harness import ProcessCluster, free_ports
+from mcpp.node import open_node
+from mcpp.peers import percentile
+from mcpp.rpc import encode_frame
+
+__all__ = ["run"]
+
+console = Console()
+_HDR = struct.Struct(">I")
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "nogit"
+    except OSError:
+        return "nogit"
+
+
+def _node_argv(tmp: Path, name: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "mcpp", "node", "--data-dir", str(tmp / name), *extra]
+
+
+def measure_startup(tmp: Path, runs: int) -> dict[str, Any]:
+    """Seconds from exec to /readyz 200 for a bootstrap; RSS at that moment."""
+    times, rss = [], []
+    for i in range(runs):
+        p2p, mcp = free_ports(2)
+        argv = _node_argv(tmp, f"s{i}", ["--role", "bootstrap", "--listen", f"/ip4/127.0.0.1/tcp/{p2p}",
+                                          "--mcp-port", str(mcp), "--log-level", "warning"])
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            with httpx.Client() as client:
+                while True:
+                    try:
+                        if client.get(f"http://127.0.0.1:{mcp}/readyz", timeout=0.5).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if proc.poll() is not None:
+                        raise RuntimeError("node exited during start-up")
+                    time.sleep(0.005)
+            times.append(time.perf_counter() - t0)
+            rss.append(psutil.Process(proc.pid).memory_info().rss / 2**20)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return {"startup_s_median": round(statistics.median(times), 3), "startup_s_all": [round(t, 3) for t in times],
+            "rss_at_ready_mb_median": round(statistics.median(rss), 1)}
+
+
+def measure_cluster(tmp: Path, n: int, idle_s: float) -> dict[str, Any]:
+    with ProcessCluster(n, tmp / f"cluster{n}", formation_timeout_s=120) as c:
+        out: dict[str, Any] = {"nodes": n, "up_in_s": round(c.up_in_s, 3), "formed_in_s": round(c.formed_in_s, 3),
+                               "formation_after_up_s": round(c.formed_in_s - c.up_in_s, 3)}
+        if idle_s > 0:
+            time.sleep(idle_s)
+            procs = [psutil.Process(r.pid) for r in c.nodes]
+            rss = [p.memory_info().rss / 2**20 for p in procs]
+            cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+            time.sleep(5)
+            cpu1 = [sum(p.cpu_times()[:2]) for p in procs]
+            out |= {"idle_rss_mb_mean": round(statistics.mean(rss), 1), "idle_rss_mb_max": round(max(rss), 1),
+                    "idle_cpu_percent_mean": round(100 * statistics.mean(b - a for a, b in zip(cpu0, cpu1)) / 5, 2)}
+        return out
+
+
+def _lat(samples_ns: list[int]) -> dict[str, float]:
+    ms = [s / 1e6 for s in samples_ns]
+    return {"p50_ms": round(statistics.median(ms), 4), "p99_ms": round(percentile(ms, 99) or 0, 4),
+            "mean_ms": round(statistics.mean(ms), 4), "samples": len(ms)}
+
+
+async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, muxer: str, calls: int) -> dict[str, Any]:
+    cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / f"client-{muxer}"), muxer=muxer,
+                     log_level="warning", ping_interval_s=30, discovery_interval_s=30)
+    async with open_node(cfg) as node:
+        with trio.fail_after(20):
+            while node.table.get(boot_id) is None or not node.table.get(boot_id).connected:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        for _ in range(200):  # warm-up
+            await node.rpc.call(boot_id, "ping")
+        lat = []
+        for _ in range(calls):
+            t0 = time.perf_counter_ns()
+            await node.rpc.call(boot_id, "ping")
+            lat.append(time.perf_counter_ns() - t0)
+        done = 0
+        t0 = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal done
+            for _ in range(calls // 32):
+                await node.rpc.call(boot_id, "ping")
+                done += 1
+
+        async with trio.open_nursery() as n:
+            for _ in range(32):
+                n.start_soon(worker)
+        rate = done / (time.perf_counter() - t0)
+    return {**_lat(lat), "calls_per_s_32_in_flight": round(rate), "samples_ns": lat}
+
+
+def measure_rpc(tmp: Path, muxer: str, calls: int) -> dict[str, Any]:
+    key = tmp / f"boot-{muxer}.key"
+    kp = identity.generate()
+    identity.save(kp, key, overwrite=True)
+    p2p, mcp = free_ports(2)
+    boot_id = identity.peer_id_of(kp)
+    proc = subprocess.Popen(_node_argv(tmp, f"rpcboot-{muxer}", [
+        "--role", "bootstrap", "--identity", str(key), "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp),
+        "--muxer", muxer, "--log-level", "warning"]), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{mcp}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("rpc bootstrap did not start")
+            time.sleep(0.02)
+        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, muxer, calls)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+_ECHO_SERVER = """
+import sys, trio
+async def handle(s):
+    try:
+        while True:
+            d = await s.receive_some(65536)
+            if not d: return
+            await s.send_all(d)
+    except trio.BrokenResourceError:
+        pass
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(handle, listeners)
+trio.run(main)
+"""
+
+
+async def _echo_client(port: int, calls: int) -> list[int]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    lat = []
+    for i in range(calls + 200):
+        frame = encode_frame({"i": i, "m": "ping", "p": None})
+        t0 = time.perf_counter_ns()
+        await stream.send_all(frame)
+        while True:
+            if len(buf) >= 4:
+                (n,) = _HDR.unpack_from(buf)
+                if len(buf) >= 4 + n:
+                    json.loads(bytes(buf[4 : 4 + n]))
+                    del buf[: 4 + n]
+                    break
+            buf += await stream.receive_some(65536)
+        if i >= 200:
+            lat.append(time.perf_counter_ns() - t0)
+    await stream.aclose()
+    return lat
+
+
+def measure_tcp_floor(calls: int) -> dict[str, Any]:
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        lat = trio.run(_echo_client, port, calls)
+        return {**_lat(lat), "samples_ns": lat}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("[yellow]matplotlib not installed: no plots[/]")
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in rpc_samples.items():
+        ms = sorted(x / 1e6 for x in s)
+        ax.plot(ms, [i / len(ms) for i in range(len(ms))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("round trip (ms, log)")
+    ax.set_ylabel("fraction of calls")
+    ax.set_title("Small request round trip between two local processes")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "rpc_latency_cdf.png", dpi=110)
+    files.append("rpc_latency_cdf.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    form = results["formation"]
+    ns = [f["nodes"] for f in form]
+    ax.plot(ns, [f["formed_in_s"] for f in form], "o-", label="cluster up + formed (incl. process start)")
+    ax.plot(ns, [f["formation_after_up_s"] for f in form], "s-", label="formation after all nodes answer")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("seconds")
+    ax.set_title("Mesh formation through the DHT (2 cores)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "formation_vs_n.png", dpi=110)
+    files.append("formation_vs_n.png")
+    plt.close("all")
+    return files
+
+
+def _markdown(results: dict[str, Any], command: str) -> str:
+    r = results
+    lines = [
+        f"# mcpp benchmark {r['date']} ({r['git_sha']})",
+        "",
+        f"Command: `{command}` on {r['machine']['cpus']} cores, Python {r['machine']['python']}.",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| node start-up to ready (median of {len(r['startup']['startup_s_all'])}) | {r['startup']['startup_s_median']} s | < 1 s |",
+        f"| RSS at ready | {r['startup']['rss_at_ready_mb_median']} MB | |",
+        f"| idle RSS per node (5-node mesh, mean / max) | {r['idle']['idle_rss_mb_mean']} / {r['idle']['idle_rss_mb_max']} MB | < 100 MB |",
+        f"| idle CPU per node (5-node mesh) | {r['idle']['idle_cpu_percent_mean']} % | |",
+    ]
+    for f in r["formation"]:
+        lines.append(f"| {f['nodes']} nodes: all processes answering / mesh formed after that / total | "
+                     f"{f['up_in_s']} s / {f['formation_after_up_s']} s / {f['formed_in_s']} s | 20 nodes < 5 s |")
+    for name, v in r["rpc"].items():
+        extra = f", {v['calls_per_s_32_in_flight']} calls/s with 32 in flight" if "calls_per_s_32_in_flight" in v else ""
+        lines.append(f"| {name}: p50 / p99 | {v['p50_ms']} / {v['p99_ms']} ms{extra} | p50 < 1 ms |")
+    lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    quick = args.quick
+    date = dt.date.today().isoformat()
+    sha = _git_sha()
+    out = Path(args.out)
+    if out.name == "bench-results" or args.out == "bench-results":
+        out = out / f"{date}-{sha}"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="mcpp-bench-"))
+    command = "mcpp bench" + (" --quick" if quick else "") + f" --out {args.out}"
+    calls = 1000 if quick else 5000
+    try:
+        console.rule("mcpp bench" + (" (quick)" if quick else ""))
+        results: dict[str, Any] = {
+            "date": date, "git_sha": sha, "quick": quick, "command": command,
+            "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                        "mem_gb": round(psutil.virtual_memory().total / 2**30, 1)},
+        }
+        with console.status("start-up to ready"):
+            results["startup"] = measure_startup(tmp, 3 if quick else 7)
+        console.print(f"start-up to ready: {results['startup']}")
+        with console.status("idle RSS in a 5-node mesh"):
+            results["idle"] = measure_cluster(tmp, 5, 5.0)
+        console.print(f"idle: {results['idle']}")
+        results["formation"] = []
+        for n in (5, 10, 20):
+            with console.status(f"mesh formation, {n} nodes"):
+                f = measure_cluster(tmp, n, 0)
+            results["formation"].append(f)
+            console.print(f"formation: {f}")
+        samples: dict[str, list[int]] = {}
+        results["rpc"] = {}
+        for label, fn in (("mcpp rpc (yamux)", lambda: measure_rpc(tmp, "yamux", calls)),
+                          ("mcpp rpc (mplex)", lambda: measure_rpc(tmp, "mplex", calls)),
+                          ("trio TCP echo (floor)", lambda: measure_tcp_floor(calls))):
+            with console.status(label):
+                v = fn()
+            samples[label] = v.pop("samples_ns")
+            results["rpc"][label] = v
+            console.print(f"{label}: {v}")
+        results["plots"] = _plots(out, results, samples)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        md = _markdown(results, command)
+        (out / "results.md").write_text(md)
+        t = Table("figure", "value", "target")
+        for line in md.splitlines():
+            if line.startswith("| ") and not line.startswith("| figure") and not line.startswith("|---"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                t.add_row(*cells)
+        console.print(t)
+        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
