@@ -40,6 +40,9 @@ def test_keygen_writes_a_key_and_prints_its_peer_id(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     res = subprocess.run(MCPP + ["node", "--identity", str(bad)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "not a libp2p private key" in res.stderr
+    res = subprocess.run(MCPP + ["node", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 2 and "bootstrap" in res.stderr and "/p2p/" in res.stderr
 
 
 def test_cluster_up_status_down_leaves_no_process(tmp_path: Path) -> None:
@@ -69,9 +72,17 @@ def test_harness_killed_mid_start_leaves_no_orphans(tmp_path: Path) -> None:
     up = subprocess.Popen(MCPP + ["cluster", "up", "--nodes", "4", "--dir", str(d)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: len(list((d / "logs").glob("*.log"))) == 4 if (d / "logs").exists() else False, 30, 0.02)
-    children = subprocess.run(["pgrep", "-f", str(d)], capture_output=True, text=True).stdout.split()
-    children = [int(p) for p in children if int(p) != up.pid]
-    assert len(children) == 4
+
+    def descendants() -> list[int]:  # the fork server and the nodes it forked
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(up.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    wait_until(lambda: len(descendants()) == 5, 30, 0.02)
+    children = descendants()
     up.send_signal(signal.SIGKILL)
     up.wait(5)
     wait_until(lambda: not any(_alive(p) for p in children), 15)

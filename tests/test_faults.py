@@ -100,3 +100,12 @@ def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
         for p in (worker, boot):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+def test_cold_exec_nodes_form_a_mesh_too(tmp_path: Path) -> None:
+    """Without the fork server every node is a fresh `python -m mcpp node` (as in containers)."""
+    with ProcessCluster(3, tmp_path, fork_server=False) as c:
+        ids = {n.peer_id for n in c.nodes}
+        for n in c.nodes:
+            assert set(node_status(n.base_url)["connected"]) == ids - {n.peer_id}
+        assert all(n.pid == c._procs[n.name].popen.pid for n in c.nodes)  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +113,98 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class _Forked:
+    """A node process forked by the fork server; Popen-like (pid, poll, wait, send_signal)."""
+
+    def __init__(self, server: _ForkServer, pid: int) -> None:
+        self._server = server
+        self.pid = pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._server.exit_codes.get(self.pid)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self._server.changed:
+            if not self._server.changed.wait_for(lambda: self.pid in self._server.exit_codes, timeout):
+                raise subprocess.TimeoutExpired(f"node pid {self.pid}", timeout or 0)
+        return self._server.exit_codes[self.pid]
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _ForkServer:
+    """Client side of `python -m mcpp.zygote` (see zygote.py)."""
+
+    def __init__(self, env: dict[str, str], tag: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mcpp.zygote", "--tag", tag],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent,
+        )
+        self.exit_codes: dict[int, int] = {}
+        self.changed = threading.Condition()
+        self._pids: list[int] = []
+        self._reader = threading.Thread(target=self._read, name="mcpp-forkserver", daemon=True)
+        self._reader.start()
+        with self.changed:
+            if not self.changed.wait_for(lambda: self._ready or self._closed, 60):
+                raise HarnessError("the fork server did not start in 60 s")
+        if self._closed:
+            raise HarnessError("the fork server exited at start")
+
+    _ready = False
+    _closed = False
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            doc = json.loads(line)
+            with self.changed:
+                if "ready" in doc:
+                    self._ready = True
+                elif "pid" in doc:
+                    self._pids.append(int(doc["pid"]))
+                elif "exit" in doc:
+                    self.exit_codes[int(doc["exit"])] = int(doc["code"])
+                self.changed.notify_all()
+        with self.changed:
+            self._closed = True
+            self.changed.notify_all()
+
+    def spawn(self, argv: list[str], log: Path) -> _Forked:
+        assert self.proc.stdin is not None
+        with self.changed:
+            n = len(self._pids)
+            self.proc.stdin.write((json.dumps({"argv": argv, "log": str(log)}) + "\n").encode())
+            self.proc.stdin.flush()
+            if not self.changed.wait_for(lambda: len(self._pids) > n or self._closed, 30):
+                raise HarnessError("the fork server did not fork in 30 s")
+            if self._closed:
+                raise HarnessError("the fork server exited")
+            return _Forked(self, self._pids[n])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+
+
 @dataclass
 class _Proc:
     name: str
@@ -119,7 +212,7 @@ class _Proc:
     argv: list[str]
     log_path: Path
     mcp_port: int
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | _Forked | None = None
 
 
 @dataclass
@@ -133,10 +226,12 @@ class ProcessCluster:
     env: dict[str, str] | None = None
     formation_timeout_s: float = 60.0
     progress: ProgressFn | None = None
+    fork_server: bool = True  # fork nodes from a pre-imported server (False: exec each node cold)
     nodes: list[NodeRecord] = field(default_factory=list)
     formed_in_s: float = 0.0
     up_in_s: float = 0.0  # until every node's endpoint answered (process start-up included)
     _procs: dict[str, _Proc] = field(default_factory=dict)
+    _server: _ForkServer | None = None
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -195,9 +290,18 @@ class ProcessCluster:
         self.write_cluster_file()
         return self.nodes
 
-    def _spawn(self, proc: _Proc) -> None:
+    def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}
         env.update(self.env or {})
+        return env
+
+    def _spawn(self, proc: _Proc) -> None:
+        if self.fork_server:
+            if self._server is None:
+                self._server = _ForkServer(self._env(), str(self.directory))
+            proc.popen = self._server.spawn(proc.argv[3:], proc.log_path)  # argv after "python -m mcpp"
+            return
+        env = self._env()
         log = open(proc.log_path, "ab")
         try:
             proc.popen = subprocess.Popen(
@@ -290,7 +394,10 @@ class ProcessCluster:
                 pp.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pp.kill()
-                pp.wait()
+                pp.wait(10)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     # ---- faults and inspection ---------------------------------------------------------
     def record(self, name: str) -> NodeRecord:

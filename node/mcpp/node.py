@@ -22,7 +22,7 @@ import trio
 from mcpp import identity
 from mcpp.config import NodeConfig
 from mcpp.dht import MESH_KEY, Dht, capability_key, open_dht
-from mcpp.errors import ArgumentError, MCPPError, PeerNotFound, PeerUnreachable, RPCError
+from mcpp.errors import ArgumentError, ConfigError, MCPPError, PeerNotFound, PeerUnreachable, RPCError
 from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
 from mcpp.p2p import (
@@ -106,6 +106,9 @@ class Node:
         self._last_provide = 0.0
         self._last_network_find = -1e9
         self._first_seen: dict[str, float] = {}
+        self._addrs_cache: list[str] | None = None
+        # parsed once: multiaddr parsing costs ~1 ms and the list is fixed
+        self._bootstrap_peers = _parse_bootstrap(config)
         self._last_walk = -1e9
         self._kick = trio.Event()
         self._joined_at: float | None = None
@@ -119,7 +122,10 @@ class Node:
     # ---- facts -------------------------------------------------------------------------
     @property
     def multiaddrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        # host.get_addrs() costs ~1 ms (multiaddr objects); the listen addresses do not change
+        if self._addrs_cache is None:
+            self._addrs_cache = [str(a) for a in self.host.get_addrs()]
+        return list(self._addrs_cache)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -392,12 +398,7 @@ class Node:
                                                 took_s=round(time.monotonic() - t0, 3)))
 
     async def discovery_tick(self) -> None:
-        for addr in self.config.bootstrap:
-            try:
-                info = parse_peer_multiaddr(addr, "bootstrap")
-            except ArgumentError:
-                continue
-            pid = info.peer_id.to_base58()
+        for addr, pid in self._bootstrap_peers:
             rec = self.table.get(pid)
             if pid != self.peer_id and (rec is None or not rec.connected) and not self._in_backoff(pid):
                 self._spawn(self._background_dial, pid, [addr], "bootstrap")
@@ -733,6 +734,17 @@ class Node:
         }
 
 
+def _parse_bootstrap(config: NodeConfig) -> list[tuple[str, str]]:
+    """(multiaddr, peer id) of each configured bootstrap; ConfigError names the bad one."""
+    out = []
+    for addr in config.bootstrap:
+        try:
+            out.append((addr, parse_peer_multiaddr(addr, "bootstrap").peer_id.to_base58()))
+        except ArgumentError as e:
+            raise ConfigError("bootstrap", addr, e.reason) from None
+    return out
+
+
 def _bandwidth(samples: list[tuple[float, int, int]]) -> tuple[float, float]:
     if len(samples) < 2:
         return 0.0, 0.0
@@ -749,6 +761,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
 
     Resource handling: the host is closed on exit, also on error or cancellation.
     """
+    _parse_bootstrap(config)  # fail before binding anything
     kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
     host = make_host(kp, config.muxer, config.announce)
