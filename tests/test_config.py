@@ -9,7 +9,7 @@ from mcpp.errors import ConfigError
 def test_defaults_depend_on_role() -> None:
     assert load_config().listen_addr == "/ip4/127.0.0.1/tcp/0"
     assert load_config({"role": "bootstrap"}).listen_addr == "/ip4/127.0.0.1/tcp/4001"
-    assert NodeConfig().muxer == "yamux"
+    assert NodeConfig().mcp_port == 8765
 
 
 def test_precedence_env_over_flag_over_file_over_default(tmp_path: Path) -> None:

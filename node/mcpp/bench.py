@@ -80,18 +80,22 @@ def measure_startup(tmp: Path, runs: int) -> dict[str, Any]:
             "rss_at_ready_mb_median": round(statistics.median(rss), 1)}
 
 
-def measure_cluster(tmp: Path, n: int, idle_s: float) -> dict[str, Any]:
-    with ProcessCluster(n, tmp / f"cluster{n}", formation_timeout_s=120) as c:
-        out: dict[str, Any] = {"nodes": n, "up_in_s": round(c.up_in_s, 3), "formed_in_s": round(c.formed_in_s, 3),
+def measure_cluster(tmp: Path, n: int, idle_s: float, fork_server: bool = True) -> dict[str, Any]:
+    name = f"cluster{n}-{'fork' if fork_server else 'cold'}"
+    with ProcessCluster(n, tmp / name, formation_timeout_s=180, fork_server=fork_server) as c:
+        out: dict[str, Any] = {"nodes": n, "fork_server": fork_server, "up_in_s": round(c.up_in_s, 3),
+                               "formed_in_s": round(c.formed_in_s, 3),
                                "formation_after_up_s": round(c.formed_in_s - c.up_in_s, 3)}
         if idle_s > 0:
             time.sleep(idle_s)
             procs = [psutil.Process(r.pid) for r in c.nodes]
             rss = [p.memory_info().rss / 2**20 for p in procs]
+            uss = [p.memory_full_info().uss / 2**20 for p in procs]
             cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
             time.sleep(5)
             cpu1 = [sum(p.cpu_times()[:2]) for p in procs]
             out |= {"idle_rss_mb_mean": round(statistics.mean(rss), 1), "idle_rss_mb_max": round(max(rss), 1),
+                    "idle_uss_mb_mean": round(statistics.mean(uss), 1),
                     "idle_cpu_percent_mean": round(100 * statistics.mean(b - a for a, b in zip(cpu0, cpu1)) / 5, 2)}
         return out
 
@@ -102,12 +106,12 @@ def _lat(samples_ns: list[int]) -> dict[str, float]:
             "mean_ms": round(statistics.mean(ms), 4), "samples": len(ms)}
 
 
-async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, muxer: str, calls: int) -> dict[str, Any]:
-    cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / f"client-{muxer}"), muxer=muxer,
+async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> dict[str, Any]:
+    cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / "rpc-client"),
                      log_level="warning", ping_interval_s=30, discovery_interval_s=30)
     async with open_node(cfg) as node:
         with trio.fail_after(20):
-            while node.table.get(boot_id) is None or not node.table.get(boot_id).connected:  # type: ignore[union-attr]
+            while (rec := node.table.get(boot_id)) is None or not rec.connected:
                 await trio.sleep(0.01)
         for _ in range(200):  # warm-up
             await node.rpc.call(boot_id, "ping")
@@ -132,15 +136,16 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, muxer: str, call
     return {**_lat(lat), "calls_per_s_32_in_flight": round(rate), "samples_ns": lat}
 
 
-def measure_rpc(tmp: Path, muxer: str, calls: int) -> dict[str, Any]:
-    key = tmp / f"boot-{muxer}.key"
+def measure_rpc(tmp: Path, calls: int) -> dict[str, Any]:
+    """mcpp RPC `ping` from an in-process node to a node process (yamux, Noise, loopback)."""
+    key = tmp / "rpc-boot.key"
     kp = identity.generate()
     identity.save(kp, key, overwrite=True)
     p2p, mcp = free_ports(2)
     boot_id = identity.peer_id_of(kp)
-    proc = subprocess.Popen(_node_argv(tmp, f"rpcboot-{muxer}", [
+    proc = subprocess.Popen(_node_argv(tmp, "rpc-boot", [
         "--role", "bootstrap", "--identity", str(key), "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp),
-        "--muxer", muxer, "--log-level", "warning"]), stderr=subprocess.DEVNULL)
+        "--log-level", "warning"]), stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -152,10 +157,52 @@ def measure_rpc(tmp: Path, muxer: str, calls: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError("rpc bootstrap did not start")
             time.sleep(0.02)
-        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, muxer, calls)
+        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def _raw_echo(muxer: str, calls: int) -> list[int]:
+    """Write a small frame, read it back, on one libp2p stream between two in-process hosts."""
+    import multiaddr
+
+    from mcpp.p2p import PeerInfo, TProtocol, make_host
+
+    proto = TProtocol("/mcpp/bench-echo/1")
+
+    async def echo(stream: Any) -> None:
+        try:
+            while data := await stream.read(65536):
+                await stream.write(data)
+        except Exception:
+            return
+
+    la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    h1, h2 = make_host(identity.generate(), muxer), make_host(identity.generate(), muxer)
+    async with h1.run(la), h2.run(la):
+        h1.set_stream_handler(proto, echo)
+        await h2.connect(PeerInfo(h1.get_id(), h1.get_addrs()))
+        s = await h2.new_stream(h1.get_id(), [proto])
+        frame = encode_frame({"i": 1, "m": "ping", "p": None})
+        lat = []
+        for i in range(calls + 200):
+            t0 = time.perf_counter_ns()
+            await s.write(frame)
+            got = b""
+            while len(got) < len(frame):
+                got += await s.read(65536)
+            if i >= 200:
+                lat.append(time.perf_counter_ns() - t0)
+        with trio.CancelScope(shield=True):
+            await h1.close()
+            await h2.close()
+    return lat
+
+
+def measure_raw_echo(muxer: str, calls: int) -> dict[str, Any]:
+    lat = trio.run(_raw_echo, muxer, calls)
+    return {**_lat(lat), "samples_ns": lat}
 
 
 _ECHO_SERVER = """
@@ -263,10 +310,12 @@ def _markdown(results: dict[str, Any], command: str) -> str:
         f"| node start-up to ready (median of {len(r['startup']['startup_s_all'])}) | {r['startup']['startup_s_median']} s | < 1 s |",
         f"| RSS at ready | {r['startup']['rss_at_ready_mb_median']} MB | |",
         f"| idle RSS per node (5-node mesh, mean / max) | {r['idle']['idle_rss_mb_mean']} / {r['idle']['idle_rss_mb_max']} MB | < 100 MB |",
+        f"| idle unique memory (USS) per node | {r['idle']['idle_uss_mb_mean']} MB | |",
         f"| idle CPU per node (5-node mesh) | {r['idle']['idle_cpu_percent_mean']} % | |",
     ]
-    for f in r["formation"]:
-        lines.append(f"| {f['nodes']} nodes: all processes answering / mesh formed after that / total | "
+    for f in [*r["formation"], r["formation_cold_20"]]:
+        how = "fork server" if f["fork_server"] else "cold exec"
+        lines.append(f"| {f['nodes']} nodes ({how}): all answering / formed after that / total | "
                      f"{f['up_in_s']} s / {f['formation_after_up_s']} s / {f['formed_in_s']} s | 20 nodes < 5 s |")
     for name, v in r["rpc"].items():
         extra = f", {v['calls_per_s_32_in_flight']} calls/s with 32 in flight" if "calls_per_s_32_in_flight" in v else ""
@@ -296,20 +345,24 @@ def run(args: argparse.Namespace) -> int:
         with console.status("start-up to ready"):
             results["startup"] = measure_startup(tmp, 3 if quick else 7)
         console.print(f"start-up to ready: {results['startup']}")
-        with console.status("idle RSS in a 5-node mesh"):
-            results["idle"] = measure_cluster(tmp, 5, 5.0)
+        with console.status("idle RSS in a 5-node mesh (each node exec'd cold)"):
+            results["idle"] = measure_cluster(tmp, 5, 5.0, fork_server=False)
         console.print(f"idle: {results['idle']}")
         results["formation"] = []
-        for n in (5, 10, 20):
-            with console.status(f"mesh formation, {n} nodes"):
+        for n in (5, 10, 20) if quick else (5, 10, 20, 50):
+            with console.status(f"mesh formation, {n} nodes (fork server)"):
                 f = measure_cluster(tmp, n, 0)
             results["formation"].append(f)
             console.print(f"formation: {f}")
+        with console.status("mesh formation, 20 nodes, each exec'd cold"):
+            results["formation_cold_20"] = measure_cluster(tmp, 20, 0, fork_server=False)
+        console.print(f"formation (cold exec): {results['formation_cold_20']}")
         samples: dict[str, list[int]] = {}
         results["rpc"] = {}
-        for label, fn in (("mcpp rpc (yamux)", lambda: measure_rpc(tmp, "yamux", calls)),
-                          ("mcpp rpc (mplex)", lambda: measure_rpc(tmp, "mplex", calls)),
-                          ("trio TCP echo (floor)", lambda: measure_tcp_floor(calls))):
+        for label, fn in (("mcpp rpc ping, node to node process", lambda: measure_rpc(tmp, calls)),
+                          ("raw libp2p stream echo, yamux (in-process)", lambda: measure_raw_echo("yamux", calls)),
+                          ("raw libp2p stream echo, mplex (in-process)", lambda: measure_raw_echo("mplex", calls)),
+                          ("trio TCP echo, same framing (floor)", lambda: measure_tcp_floor(calls))):
             with console.status(label):
                 v = fn()
             samples[label] = v.pop("samples_ns")

@@ -23,7 +23,6 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mcp-transport", choices=["http", "stdio"])
     p.add_argument("--allowed-hosts", metavar="HOST", nargs="+", help="extra Host headers the MCP endpoint accepts")
     p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--muxer", choices=["yamux", "mplex"])
     p.add_argument("--capabilities", metavar="NAME", nargs="+")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
@@ -31,7 +30,7 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
 
 _NODE_KEYS = (
     "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport",
-    "allowed_hosts", "data_dir", "muxer", "capabilities", "log_level",
+    "allowed_hosts", "data_dir", "capabilities", "log_level",
 )
 
 

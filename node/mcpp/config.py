@@ -48,7 +48,6 @@ class NodeConfig:
     mcp_host: str = "127.0.0.1"
     mcp_port: int = DEFAULT_MCP_PORT
     allowed_hosts: tuple[str, ...] = ()  # extra Host headers accepted by the MCP endpoint
-    muxer: Literal["yamux", "mplex"] = "yamux"
     capabilities: tuple[str, ...] = ()
     log_level: str = "info"
     discovery_interval_s: float = 1.0
@@ -79,7 +78,6 @@ SETTINGS: dict[str, str] = {
     "mcp_host": "str",
     "mcp_port": "port",
     "allowed_hosts": "list",
-    "muxer": "choice:yamux|mplex",
     "capabilities": "list",
     "log_level": "choice:debug|info|warning|error",
     "discovery_interval_s": "pos_float",

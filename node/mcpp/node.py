@@ -764,7 +764,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     _parse_bootstrap(config)  # fail before binding anything
     kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
-    host = make_host(kp, config.muxer, config.announce)
+    host = make_host(kp, announce=config.announce)
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):

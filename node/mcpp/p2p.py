@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,9 +42,21 @@ __all__ = [
 
 logging.getLogger("libp2p").addHandler(logging.NullHandler())
 
+# py-libp2p 0.8's yamux sends a WINDOW_UPDATE frame after *every* read unless this tuning
+# variable (read from the environment at each read) is "0"; with "0" it batches updates the way
+# go-yamux does (once half the window is consumed). Measured by `mcpp bench`: RPC p50 1.17 ->
+# 1.03 ms, 32-in-flight throughput 1,760 -> 2,270 calls/s. A user's explicit setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
-def make_host(key_pair: KeyPair, muxer: str, announce: tuple[str, ...] = ()) -> IHost:
-    """A host that speaks only Noise, with one connection per peer."""
+
+def make_host(key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...] = ()) -> IHost:
+    """A host that speaks only Noise, with one connection per peer.
+
+    Nodes always use yamux. py-libp2p 0.8's mplex guards each stream with a read/write lock
+    (a reader blocked in read() stalls every write on that stream, so full-duplex RPC deadlocks)
+    and gives each stream a one-slot receive channel (one slow reader stalls the connection for
+    5 s). `muxer="mplex"` exists only for the raw echo comparison in `mcpp bench`.
+    """
     sec_opt: Any = {
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     }
