@@ -56,6 +56,7 @@ REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
 MAX_BACKOFF_S = 4.0
 DIAL_GRACE_S = 2.0
+MAX_PINGS_PER_S = 10.0
 
 
 def _strip_p2p(addr: str) -> str:
@@ -318,17 +319,28 @@ class Node:
                     del self._gone[pid]
             await trio.sleep(WATCH_S)
 
+    def _ping_every_s(self) -> float:
+        """Each peer is pinged every ping_interval_s, slower in big meshes so that a node sends
+        at most MAX_PINGS_PER_S pings in all (pings are O(N^2) mesh-wide)."""
+        return max(self.config.ping_interval_s, len(self.table.connected()) / MAX_PINGS_PER_S)
+
+    def _peer_timeout_s(self) -> float:
+        return max(self.config.peer_timeout_s, 2.5 * self._ping_every_s())
+
     async def _ping_one(self, rec: PeerRecord) -> None:
         pid = rec.peer_id
         self._ping_inflight.add(pid)
+        rec.last_ping_sent = time.monotonic()
         try:
-            rtt = await self.ping(pid, timeout_s=self.config.peer_timeout_s)
+            rtt = await self.ping(pid, timeout_s=self._peer_timeout_s())
             rec.add_rtt(rtt)
         except MCPPError:
             rec.ping_failures += 1
             rec.feed_reputation(False)
-            silent_s = time.time() - (rec.last_seen or 0)
-            if silent_s >= self.config.peer_timeout_s and rec.connected:
+            # any frame from the peer (its own pings, answers, requests) proves it is alive
+            heard = max(rec.last_seen or 0.0, self.rpc.traffic_of(pid).last_in)
+            silent_s = time.time() - heard
+            if silent_s >= self._peer_timeout_s() and rec.connected:
                 self._lost(pid, f"no answer to pings for {silent_s:.1f} s")
                 with contextlib.suppress(Exception):
                     with trio.move_on_after(1):
@@ -340,10 +352,12 @@ class Node:
         """Ping every connected peer every ping_interval_s (RTT samples and liveness of peers that
         hang without closing the connection; a closed connection is noticed by _watch_loop)."""
         while True:
+            every = self._ping_every_s()
+            now = time.monotonic()
             for rec in self.table.connected():
-                if rec.hello_done and rec.peer_id not in self._ping_inflight:
+                if rec.hello_done and rec.peer_id not in self._ping_inflight and now - rec.last_ping_sent >= every:
                     self._spawn(self._ping_one, rec)
-            await trio.sleep(self.config.ping_interval_s)
+            await trio.sleep(min(0.25, every))
 
     async def _provide(self) -> None:
         self._providing = True

@@ -46,6 +46,7 @@ class PeerRecord:
     reputation: float = REPUTATION_START
     rtt_ms: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
     ping_failures: int = 0
+    last_ping_sent: float = 0.0  # monotonic
     hello_done: bool = False
 
     def add_rtt(self, ms: float) -> None:

@@ -100,6 +100,7 @@ class PeerTraffic:
     calls_ok: int = 0
     calls_failed: int = 0
     served: int = 0
+    last_in: float = 0.0  # wall clock of the last frame received from the peer (liveness)
     # (monotonic time, cumulative bytes_in, cumulative bytes_out), sampled by the node
     samples: list[tuple[float, int, int]] = field(default_factory=list)
 
@@ -286,7 +287,9 @@ class RpcEndpoint:
                 if got is None:
                     break
                 msg, size = got
-                self.traffic_of(ch.peer_id).bytes_in += size
+                t = self.traffic_of(ch.peer_id)
+                t.bytes_in += size
+                t.last_in = time.time()
                 if not isinstance(msg, dict) or not isinstance(msg.get("i"), int):
                     raise FrameError("response without an integer id")
                 p = ch.pending.get(msg["i"])
@@ -323,6 +326,7 @@ class RpcEndpoint:
                         break
                     msg, size = got
                     traffic.bytes_in += size
+                    traffic.last_in = time.time()
                     await limit.acquire()
                     nursery.start_soon(self._serve_one, peer_id, stream, write_lock, limit, msg)
                 # EOF: let in-flight requests finish and answer

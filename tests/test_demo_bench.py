@@ -1,0 +1,37 @@
+"""The README's main job (`mcpp demo`) and the benchmark command, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MCPP = [sys.executable, "-m", "mcpp"]
+
+
+def test_demo_runs_a_mesh_calls_tools_and_stops_cleanly(tmp_path: Path) -> None:
+    res = subprocess.run(MCPP + ["demo", "--dir", str(tmp_path / "demo")], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for tool in ("peer_discover", "peer_list", "peer_metrics", "peer_disconnect", "peer_connect", "bootstrap_network"):
+        assert tool in out
+    assert "exit codes: {'node-0': 0, 'node-1': 0, 'node-2': 0, 'node-3': 0, 'node-4': 0}" in out
+    assert "demo finished: clean stop" in out
+
+
+def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = subprocess.run(MCPP + ["bench", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["startup"]["startup_s_median"] > 0 and data["idle"]["idle_rss_mb_mean"] > 0
+    assert [f["nodes"] for f in data["formation"]] == [5, 10, 20]
+    assert all(f.get("formed_in_s", 0) > 0 for f in data["formation"]), data["formation"]
+    rpc = data["rpc"]["mcpp rpc ping, node to node process"]
+    floor = data["rpc"]["trio TCP echo, same framing (floor)"]
+    assert 0 < floor["p50_ms"] < rpc["p50_ms"] <= rpc["p99_ms"]
+    assert (out / "results.md").read_text().startswith("# mcpp benchmark")
+    assert (out / "rpc_latency_cdf.png").stat().st_size > 1000 and (out / "formation_vs_n.png").stat().st_size > 1000
