@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -130,7 +131,7 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> d
             await node.rpc.call(boot_id, "ping")
             lat.append(time.perf_counter_ns() - t0)
         done = 0
-        t0 = time.perf_counter()
+        started = time.perf_counter()
 
         async def worker() -> None:
             nonlocal done
@@ -141,7 +142,7 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> d
         async with trio.open_nursery() as n:
             for _ in range(32):
                 n.start_soon(worker)
-        rate = done / (time.perf_counter() - t0)
+        rate = done / (time.perf_counter() - started)
     return {**_lat(lat), "calls_per_s_32_in_flight": round(rate), "samples_ns": lat}
 
 
@@ -372,10 +373,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"formation (cold exec): {results['formation_cold_20']}")
         samples: dict[str, list[int]] = {}
         results["rpc"] = {}
-        for label, fn in (("mcpp rpc ping, node to node process", lambda: measure_rpc(tmp, calls)),
+        measures: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (("mcpp rpc ping, node to node process", lambda: measure_rpc(tmp, calls)),
                           ("raw libp2p stream echo, yamux (in-process)", lambda: measure_raw_echo("yamux", calls)),
                           ("raw libp2p stream echo, mplex (in-process)", lambda: measure_raw_echo("mplex", calls)),
-                          ("trio TCP echo, same framing (floor)", lambda: measure_tcp_floor(calls))):
+                          ("trio TCP echo, same framing (floor)", lambda: measure_tcp_floor(calls)))
+        for label, fn in measures:
             with console.status(label):
                 v = fn()
             samples[label] = v.pop("samples_ns")

@@ -11,9 +11,12 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import trio
+
+if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's own annotations
+    from trio_typing import TaskStatus
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 from mcp.server.mcpserver import MCPServer
@@ -127,21 +130,22 @@ def build_server(node: Node) -> MCPServer:
     for fn in (peer_discover, peer_connect, peer_disconnect, peer_list, peer_metrics, bootstrap_network):
         server.add_tool(_instrument(node, fn), structured_output=True)
 
-    @server.custom_route("/healthz", methods=["GET"])
+    # the SDK's custom_route decorator is untyped
+    @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
-    @server.custom_route("/readyz", methods=["GET"])
+    @server.custom_route("/readyz", methods=["GET"])  # type: ignore[untyped-decorator]
     async def readyz(request: Request) -> Response:
         if node.joined.is_set():
             return PlainTextResponse("ready\n")
         return PlainTextResponse("not joined the mesh yet\n", status_code=503)
 
-    @server.custom_route("/metrics", methods=["GET"])
+    @server.custom_route("/metrics", methods=["GET"])  # type: ignore[untyped-decorator]
     async def metrics(request: Request) -> Response:
         return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
-    @server.custom_route("/status", methods=["GET"])
+    @server.custom_route("/status", methods=["GET"])  # type: ignore[untyped-decorator]
     async def status(request: Request) -> Response:
         return JSONResponse(node.status())
 
@@ -158,7 +162,7 @@ def _security(node: Node) -> TransportSecuritySettings:
 
 
 async def serve_http(
-    node: Node, server: MCPServer, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    node: Node, server: MCPServer, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve streamable HTTP (JSON responses) at /mcp until cancelled; reports the base URL."""
     app = server.streamable_http_app(json_response=True, transport_security=_security(node), host=node.config.mcp_host)
@@ -168,7 +172,7 @@ async def serve_http(
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = 1.0
 
-    async def _serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve(task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, cfg, task_status=task_status)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:

@@ -13,11 +13,14 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import psutil
 import trio
+
+if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's own annotations
+    from trio_typing import TaskStatus
 
 from mcpp import identity
 from mcpp.config import NodeConfig
@@ -456,7 +459,7 @@ class Node:
                 del t.samples[:-HISTORY_WINDOW]
             await trio.sleep(1)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.rpc.run)

@@ -19,9 +19,12 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's own annotations
+    from trio_typing import TaskStatus
 
 from mcpp.errors import (
     ArgumentError,
@@ -171,7 +174,7 @@ class RpcEndpoint:
     def register(self, method: str, handler: Handler) -> None:
         self._handlers[method] = handler
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._host.set_stream_handler(PROTOCOL, self._serve_stream)
@@ -269,8 +272,8 @@ class RpcEndpoint:
             raise pending.error
         msg = pending.msg or {}
         if "e" in msg:
-            e = msg["e"] if isinstance(msg["e"], dict) else {}
-            raise RemoteError(str(e.get("c", "error")), method, str(e.get("m", "")))
+            body = msg["e"] if isinstance(msg["e"], dict) else {}
+            raise RemoteError(str(body.get("c", "error")), method, str(body.get("m", "")))
         return msg.get("r")
 
     def _drop(self, ch: _Channel, err: Exception) -> None:
