@@ -36,6 +36,9 @@ def test_env_names_the_config_file(tmp_path: Path) -> None:
         ({"role": "king"}, {}, "role"),
         ({}, {"MCPP_MCP_PORT": "abc"}, "MCPP_MCP_PORT"),
         ({}, {"MCPP_PING_INTERVAL_S": "-1"}, "ping_interval_s"),
+        ({"listen": "garbage"}, {}, "listen"),
+        ({}, {"MCPP_ANNOUNCE": "/ip4/not-an-ip/tcp/1"}, "MCPP_ANNOUNCE"),
+        ({"data_dir": ""}, {}, "data_dir"),
     ],
 )
 def test_bad_values_name_the_field(flags: dict, env: dict, field: str) -> None:
@@ -51,4 +54,11 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
         load_config({}, {}, str(f))
     f.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
+        load_config({}, {}, str(f))
+
+
+def test_empty_yaml_value_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "empty.yaml"
+    f.write_text("mcp_host:\n")
+    with pytest.raises(ConfigError, match="mcp_host"):
         load_config({}, {}, str(f))

@@ -44,25 +44,6 @@ def test_kill9_leaves_tables_and_bootstrap_restart_reforms(tmp_path: Path) -> No
         c.wait_formed(20)
 
 
-def test_persistent_peer_is_kept_and_redialed(tmp_path: Path) -> None:
-    with ProcessCluster(3, tmp_path) as c:
-        a, b = c.record("node-1"), c.record("node-2")
-        res = call(a.mcp_url, "peer_connect", {"peer_id": b.peer_id, "persistent": True})
-        assert res["persistent"] is True
-        c.kill("node-2", signal.SIGKILL)
-
-        def b_known_not_connected() -> bool:
-            peers = {p["peer_id"]: p for p in call(a.mcp_url, "peer_list", {"status": "known"})["peers"]}
-            return b.peer_id in peers and peers[b.peer_id]["connected"] is False
-
-        wait_until(b_known_not_connected, 5)
-        c.restart("node-2")
-        wait_until(lambda: b.peer_id in {p["peer_id"] for p in call(a.mcp_url, "peer_list")["peers"]}, 15)
-        # a graceful disconnect clears persistent: the peer leaves the table entirely
-        call(a.mcp_url, "peer_disconnect", {"peer_id": b.peer_id})
-        assert b.peer_id not in _connected(a.mcp_url)
-
-
 def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
     """A worker whose bootstrap is not up yet is alive but not ready."""
     import subprocess
@@ -109,3 +90,57 @@ def test_cold_exec_nodes_form_a_mesh_too(tmp_path: Path) -> None:
         for n in c.nodes:
             assert set(node_status(n.base_url)["connected"]) == ids - {n.peer_id}
         assert all(n.pid == c._procs[n.name].popen.pid for n in c.nodes)  # type: ignore[union-attr]
+
+
+def test_capabilities_are_advertised_in_the_dht_and_filtered(tmp_path: Path) -> None:
+    with ProcessCluster(3, tmp_path, node_args=["--capabilities", "gpu", "sha256"]) as c:
+        w = c.record("node-2")
+        others = {n.peer_id for n in c.nodes} - {w.peer_id}
+
+        def found(f: list[str]) -> set[str]:
+            return {p["peer_id"] for p in call(w.mcp_url, "peer_discover", {"capability_filter": f})["peers"]}
+
+        wait_until(lambda: found(["gpu"]) == others, 15)
+        peers = call(w.mcp_url, "peer_discover", {"capability_filter": ["gpu", "sha256"]})["peers"]
+        assert all(set(p["capabilities"]) >= {"gpu", "sha256"} for p in peers) and len(peers) == 2
+        assert found(["gpu", "tpu"]) == set()
+        assert call(w.mcp_url, "peer_list", {"capability": "gpu"})["total"] == 2
+        assert call(w.mcp_url, "peer_list", {"capability": "tpu"})["total"] == 0
+
+
+def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) -> None:
+    """The outsider has no bootstrap list, so only `persistent` can bring the link back."""
+    import subprocess
+    import sys
+
+    from mcpp import identity
+    from mcpp.harness import free_ports
+
+    key = tmp_path / "outsider.key"
+    kp = identity.generate()
+    identity.save(kp, key)
+    p2p, mcp = free_ports(2)
+    argv = [sys.executable, "-m", "mcpp", "node", "--role", "bootstrap", "--identity", str(key),
+            "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp), "--data-dir", str(tmp_path / "o")]
+    outsider_id = identity.peer_id_of(kp)
+    outsider_url = f"http://127.0.0.1:{mcp}"
+    with ProcessCluster(2, tmp_path / "mesh") as c:
+        a = c.record("node-1")
+        out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: node_status(outsider_url) is not None, 20)
+            res = call(a.mcp_url, "peer_connect", {"multiaddr": f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{outsider_id}",
+                                                    "persistent": True})
+            assert res["persistent"] is True
+            out.kill()
+            out.wait(10)
+            known = lambda: {p["peer_id"]: p for p in call(a.mcp_url, "peer_list", {"status": "all"})["peers"]}  # noqa: E731
+            wait_until(lambda: outsider_id in known() and known()[outsider_id]["connected"] is False, 5)
+            out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+            wait_until(lambda: known().get(outsider_id, {}).get("connected") is True, 20)
+            assert a.peer_id in node_status(outsider_url)["connected"]  # it was dialed, it did not dial
+            call(a.mcp_url, "peer_disconnect", {"peer_id": outsider_id})
+            assert outsider_id not in known()
+        finally:
+            out.kill()
+            out.wait(10)

@@ -44,16 +44,18 @@ def test_frames_roundtrip_across_arbitrary_chunking() -> None:
 @pytest.mark.parametrize(
     ("wire", "match"),
     [
-        (struct.pack(">I", 10_000) + b"x", "exceeds the limit"),
+        (struct.pack(">I", 10_000_000) + b"x", "exceeds the limit"),
         (struct.pack(">I", 10) + b"{}", "ended inside a frame"),
         (struct.pack(">I", 3) + b"\xff\xfe\xfd", "not UTF-8 JSON"),
         (struct.pack(">I", 5) + b"{oops", "not UTF-8 JSON"),
+        (struct.pack(">I", 5000) + b"1" * 5000, "not UTF-8 JSON"),  # int too long: ValueError
+        (struct.pack(">I", 6000) + b"[" * 6000, "not UTF-8 JSON"),  # too deep: RecursionError
     ],
 )
 def test_bad_frames_raise_frame_error(wire: bytes, match: str) -> None:
     async def go() -> None:
         with pytest.raises(FrameError, match=match):
-            await _reader([wire]).next_frame()
+            await _reader([wire], 1 << 20).next_frame()
 
     trio.run(go)
 
@@ -157,6 +159,13 @@ def test_garbage_from_a_raw_stream_resets_only_that_stream() -> None:
                 with pytest.raises(Exception):
                     while True:  # the server resets the stream: reads fail or hit EOF
                         if not await raw.read(100):
+                            raise EOFError
+            deep = await h1.new_stream(server._host.get_id(), [PROTOCOL])
+            await deep.write(struct.pack(">I", 20_000) + b"[" * 20_000)  # RecursionError in json
+            with trio.fail_after(5):
+                with pytest.raises(Exception):
+                    while True:
+                        if not await deep.read(100):
                             raise EOFError
             # a frame that is JSON but not a request gets an error answer
             raw2 = await h1.new_stream(server._host.get_id(), [PROTOCOL])

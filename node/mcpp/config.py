@@ -69,10 +69,10 @@ class NodeConfig:
 # name -> (kind, validator hint). kinds: str, int, float, list, choice:<a|b>
 SETTINGS: dict[str, str] = {
     "role": "choice:bootstrap|worker",
-    "listen": "str",
-    "announce": "list",
-    "bootstrap": "list",
-    "identity": "str",
+    "listen": "multiaddr",
+    "announce": "multiaddr_list",
+    "bootstrap": "list",  # checked (must end in /p2p/<id>) by the node before it binds anything
+    "identity": "opt_str",
     "data_dir": "str",
     "mcp_transport": "choice:http|stdio",
     "mcp_host": "str",
@@ -88,16 +88,30 @@ SETTINGS: dict[str, str] = {
 }
 
 
+def _check_multiaddr(where: str, value: str) -> None:
+    import multiaddr  # a parser only; no libp2p import here
+
+    try:
+        multiaddr.Multiaddr(value)
+    except Exception as e:
+        raise ConfigError(where, value, f"not a multiaddr ({e})") from None
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = SETTINGS[name]
     where = f"{name} (from {source})"
+    if kind == "multiaddr_list":
+        items = _coerce_list(where, value)
+        for item in items:
+            _check_multiaddr(where, item)
+        return items
+    if kind == "multiaddr":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(where, value, "expected a multiaddr such as /ip4/127.0.0.1/tcp/4001")
+        _check_multiaddr(where, value)
+        return value
     if kind == "list":
-        if isinstance(value, str):
-            parts = value.replace(",", " ").split()
-            return tuple(parts)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(where, value, "expected a list of strings")
+        return _coerce_list(where, value)
     if kind.startswith("choice:"):
         options = kind.split(":", 1)[1].split("|")
         if value not in options:
@@ -123,11 +137,19 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not x > 0 or x != x or x == float("inf"):
             raise ConfigError(where, value, "must be a finite number > 0")
         return x
-    if value is None:
+    if value is None and kind == "opt_str":
         return None
-    if not isinstance(value, (str, int, float)):
-        raise ConfigError(where, value, "expected a string")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value) == "":
+        raise ConfigError(where, value, "expected a non-empty string")
     return str(value)
+
+
+def _coerce_list(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(value.replace(",", " ").split())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(where, value, "expected a list of strings")
 
 
 def _read_file(path: str) -> dict[str, Any]:

@@ -128,10 +128,13 @@ class _Forked:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        with self._server.changed:
-            if not self._server.changed.wait_for(lambda: self.pid in self._server.exit_codes, timeout):
+        srv = self._server
+        with srv.changed:
+            if not srv.changed.wait_for(lambda: self.pid in srv.exit_codes or srv.closed, timeout):
                 raise subprocess.TimeoutExpired(f"node pid {self.pid}", timeout or 0)
-        return self._server.exit_codes[self.pid]
+        if self.pid not in srv.exit_codes:  # the fork server is gone; so are its children
+            raise HarnessError(f"node pid {self.pid}: the fork server exited, exit code unknown")
+        return srv.exit_codes[self.pid]
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -156,29 +159,31 @@ class _ForkServer:
         self._reader = threading.Thread(target=self._read, name="mcpp-forkserver", daemon=True)
         self._reader.start()
         with self.changed:
-            if not self.changed.wait_for(lambda: self._ready or self._closed, 60):
-                raise HarnessError("the fork server did not start in 60 s")
-        if self._closed:
-            raise HarnessError("the fork server exited at start")
+            started = self.changed.wait_for(lambda: self._ready or self.closed, 60)
+        if not started or self.closed:
+            self.close()
+            raise HarnessError("the fork server did not start" + (" in 60 s" if not started else ""))
 
     _ready = False
-    _closed = False
+    closed = False
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            doc = json.loads(line)
+        try:
+            for line in self.proc.stdout:
+                doc = json.loads(line)
+                with self.changed:
+                    if "ready" in doc:
+                        self._ready = True
+                    elif "pid" in doc:
+                        self._pids.append(int(doc["pid"]))
+                    elif "exit" in doc:
+                        self.exit_codes[int(doc["exit"])] = int(doc["code"])
+                    self.changed.notify_all()
+        finally:  # EOF, or a line we cannot read: either way nobody may wait forever
             with self.changed:
-                if "ready" in doc:
-                    self._ready = True
-                elif "pid" in doc:
-                    self._pids.append(int(doc["pid"]))
-                elif "exit" in doc:
-                    self.exit_codes[int(doc["exit"])] = int(doc["code"])
+                self.closed = True
                 self.changed.notify_all()
-        with self.changed:
-            self._closed = True
-            self.changed.notify_all()
 
     def spawn(self, argv: list[str], log: Path) -> _Forked:
         assert self.proc.stdin is not None
@@ -186,9 +191,9 @@ class _ForkServer:
             n = len(self._pids)
             self.proc.stdin.write((json.dumps({"argv": argv, "log": str(log)}) + "\n").encode())
             self.proc.stdin.flush()
-            if not self.changed.wait_for(lambda: len(self._pids) > n or self._closed, 30):
+            if not self.changed.wait_for(lambda: len(self._pids) > n or self.closed, 30):
                 raise HarnessError("the fork server did not fork in 30 s")
-            if self._closed:
+            if len(self._pids) <= n:
                 raise HarnessError("the fork server exited")
             return _Forked(self, self._pids[n])
 
@@ -389,15 +394,20 @@ class ProcessCluster:
             with contextlib.suppress(ProcessLookupError):
                 pp.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for pp in procs:
-            try:
-                pp.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pp.kill()
-                pp.wait(10)
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        try:
+            for pp in procs:
+                try:
+                    pp.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pp.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired, HarnessError):
+                        pp.wait(10)
+                except HarnessError:
+                    pass
+        finally:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
 
     # ---- faults and inspection ---------------------------------------------------------
     def record(self, name: str) -> NodeRecord:

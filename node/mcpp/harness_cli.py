@@ -86,6 +86,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ours(pid: int) -> bool:
+    """Is pid still a process of this cluster (and not a reused pid)? Checked by its command line
+    (`mcpp` nodes, the fork server tagged with the cluster dir, or `mcpp cluster up`)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "mcpp" in cmd
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -102,8 +112,10 @@ def _alive(pid: int) -> bool:
 
 def _down(args: argparse.Namespace) -> int:
     data = read_cluster_file(args.dir)
-    pids = [n["pid"] for n in data["nodes"]]
+    pids = [n["pid"] for n in data["nodes"] if _ours(n["pid"])]
     harness = data.get("harness_pid")
+    if isinstance(harness, int) and not _ours(harness):
+        harness = None
     if isinstance(harness, int) and _alive(harness):
         os.kill(harness, signal.SIGTERM)
     for pid in pids:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +54,14 @@ EARLY_NETWORK_FIND_S = 3.0
 FORMING_S = 15.0  # after joining, the mesh is still being found: look 4x as often
 WATCH_S = 0.25
 RANDOM_WALK_S = 30.0
-GONE_MEMORY_S = 300.0
+GONE_MEMORY_S = 48 * 3600.0  # as long as py-libp2p keeps a stale provider record
+GONE_REDIAL_S = 30.0  # a peer seen leaving is re-dialed this rarely (a healed partition)
 REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
 MAX_BACKOFF_S = 4.0
 DIAL_GRACE_S = 2.0
 MAX_PINGS_PER_S = 10.0
+MAX_BOOTSTRAP_PEERS = 100
 
 
 def _strip_p2p(addr: str) -> str:
@@ -100,7 +102,7 @@ class Node:
         self.started_wall = time.time()
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()
-        self._hello_inflight: set[str] = set()
+        self._hello_inflight: dict[str, trio.Event] = {}
         self._ping_inflight: set[str] = set()
         self._backoff: dict[str, _Backoff] = {}
         self._gone: dict[str, float] = {}
@@ -118,7 +120,7 @@ class Node:
         self._joined_at: float | None = None
         self._process = psutil.Process()
         self._process.cpu_percent(None)
-        if not config.bootstrap:
+        if config.role == "bootstrap" and not config.bootstrap:
             # the first node of a mesh has joined as soon as it listens
             self.joined.set()
             metrics.ready.set(1)
@@ -177,11 +179,11 @@ class Node:
         if peer_id not in self._live_peer_ids():
             return
         caps = info.get("capabilities")
-        addrs = info.get("multiaddrs")
+        addrs = _valid_addrs(info.get("multiaddrs"))
         rec = self.table.upsert(
             peer_id,
             role=info.get("role") if isinstance(info.get("role"), str) else None,
-            multiaddrs=[str(a) for a in addrs] if isinstance(addrs, list) else None,
+            multiaddrs=addrs or None,
             capabilities=[str(c) for c in caps] if isinstance(caps, list) else None,
             mcp_url=info.get("mcp_url") if isinstance(info.get("mcp_url"), str) else None,
         )
@@ -208,11 +210,17 @@ class Node:
             log.info("joined the mesh", extra=kv(peer=self.peer_id, via=peer_id))
 
     # ---- membership --------------------------------------------------------------------
-    def _lost(self, peer_id: str, reason: str) -> None:
+    def _lost(self, peer_id: str, reason: str, gone: bool = True) -> None:
+        """The connection to a peer ended. `gone`: it died or hung (its stale DHT records are
+        then ignored and it is re-dialed only every GONE_REDIAL_S); False for a requested
+        disconnect."""
         rec = self.table.get(peer_id)
         self.rpc.forget(peer_id)
         self.dht.remove_peer(peer_id)
-        self._gone[peer_id] = time.monotonic()
+        self._first_seen.pop(peer_id, None)
+        if gone:
+            self._gone[peer_id] = time.monotonic()
+            self._backoff[peer_id] = _Backoff(time.monotonic() + GONE_REDIAL_S, GONE_REDIAL_S)
         if rec is None:
             return
         if rec.persistent:
@@ -232,27 +240,34 @@ class Node:
 
     def _fail_backoff(self, peer_id: str) -> None:
         b = self._backoff.get(peer_id)
-        delay = 0.25 if b is None else min(b.delay_s * 2, MAX_BACKOFF_S)
+        cap = GONE_REDIAL_S if peer_id in self._gone else MAX_BACKOFF_S
+        delay = 0.25 if b is None else min(b.delay_s * 2, cap)
         self._backoff[peer_id] = _Backoff(time.monotonic() + delay, delay)
 
-    async def _hello(self, peer_id: str, source: str) -> None:
-        if peer_id in self._hello_inflight:
+    async def _hello(self, peer_id: str, source: str, timeout_s: float = 5.0) -> None:
+        """Exchange hello; if one is already running for this peer, wait for that one."""
+        running = self._hello_inflight.get(peer_id)
+        if running is not None:
+            with trio.move_on_after(timeout_s):
+                await running.wait()
             return
-        self._hello_inflight.add(peer_id)
+        done = self._hello_inflight[peer_id] = trio.Event()
         try:
-            info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=5)
+            info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
             if isinstance(info, dict):
                 await self._apply_hello(peer_id, info, source)
         except MCPPError as e:
             log.debug("hello failed", extra=kv(peer=peer_id, error=str(e)))
         finally:
-            self._hello_inflight.discard(peer_id)
+            del self._hello_inflight[peer_id]
+            done.set()
 
     async def dial(self, peer_id: str, addrs: list[str], source: str, timeout_s: float = 5.0) -> None:
-        """Connect and say hello. Raises PeerUnreachable."""
-        pid = ID.from_base58(peer_id)
-        mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
+        """Connect and say hello, all within timeout_s. Raises PeerUnreachable."""
+        deadline = trio.current_time() + timeout_s
         with dial_errors(peer_id):
+            pid = ID.from_base58(peer_id)
+            mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
             # our own backoff decides when to retry; libp2p's 60 s negative cache would keep a
             # restarted bootstrap unreachable for a minute
             unblock = getattr(self.host.get_network(), "unblock_peer", None)
@@ -260,7 +275,7 @@ class Node:
                 unblock(pid)
             with trio.fail_after(timeout_s):
                 await self.host.connect(PeerInfo(pid, mas))
-        await self._hello(peer_id, source)
+        await self._hello(peer_id, source, max(0.1, deadline - trio.current_time()))
 
     async def _background_dial(self, peer_id: str, addrs: list[str], source: str) -> None:
         if peer_id in self._dialing or peer_id == self.peer_id:
@@ -299,6 +314,7 @@ class Node:
             return
         if peer_id not in self._gone and rec is None:
             self.table.upsert(peer_id, multiaddrs=addrs, source=source)
+        # (a gone peer is re-dialed quietly, at most every GONE_REDIAL_S: see _lost)
         self._spawn(self._background_dial, peer_id, addrs, source)
 
     # ---- loops -------------------------------------------------------------------------
@@ -504,7 +520,7 @@ class Node:
                     raise ArgumentError(f"capability_filter[{i}]", "must be a non-empty string")
         found: dict[str, list[str]] = {}
         caps_of: dict[str, set[str]] = {}
-        with trio.move_on_after(timeout_s) as cs:
+        with trio.move_on_after(timeout_s) as cs, _dht_errors("peer_discover"):
             found = await self.dht.find_providers(MESH_KEY, count=max(50, max_peers * 2))
             if capability_filter:
                 for cap in capability_filter:
@@ -555,6 +571,7 @@ class Node:
         if peer_id is None and multiaddr_text is None:
             raise ArgumentError("peer_id", "give peer_id or multiaddr (neither was given)")
         arg = "multiaddr" if multiaddr_text is not None else "peer_id"
+        deadline = trio.current_time() + timeout_s  # bounds the DHT lookup, dials and hellos
         if multiaddr_text is not None:
             info = parse_peer_multiaddr(multiaddr_text, "multiaddr")
             pid = info.peer_id.to_base58()
@@ -567,14 +584,13 @@ class Node:
             rec = self.table.get(pid)
             addrs = list(rec.multiaddrs) if rec else peer_multiaddrs(self.host, ID.from_base58(pid))
             if not addrs:
-                with trio.move_on_after(timeout_s):
+                with trio.move_on_at(deadline), _dht_errors("peer_id"):
                     addrs = await self.dht.find_peer(ID.from_base58(pid)) or []
                 if not addrs:
                     raise PeerNotFound(pid, "peer_id: not found in the DHT (no known address)")
         if pid == self.peer_id:
             raise ArgumentError(arg, "that is this node's own peer id")
         self._blocked.pop(pid, None)
-        deadline = trio.current_time() + timeout_s
         attempts = 0
         last_error = ""
         while attempts <= retries:
@@ -610,7 +626,7 @@ class Node:
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(pid))
-        self._lost(pid, f"disconnect requested: {reason or 'no reason given'}")
+        self._lost(pid, f"disconnect requested: {reason or 'no reason given'}", gone=False)
         return {"peer_id": pid, "disconnected": True, "reason": reason}
 
     def list_peers(
@@ -712,6 +728,8 @@ class Node:
         _check_range("min_connections", min_connections, 0, 1000)
         _check_range("timeout_s", timeout_s, 0.1, 300)
         addrs = list(self.config.bootstrap) if bootstrap_peers is None else bootstrap_peers
+        if len(addrs) > MAX_BOOTSTRAP_PEERS:
+            raise ArgumentError("bootstrap_peers", f"at most {MAX_BOOTSTRAP_PEERS} addresses, got {len(addrs)}")
         infos = []
         for i, a in enumerate(addrs):
             argname = f"bootstrap_peers[{i}]"
@@ -720,6 +738,7 @@ class Node:
             infos.append((a, parse_peer_multiaddr(a, argname).peer_id.to_base58()))
         connected: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
+        deadline = trio.current_time() + timeout_s
 
         async def one(addr: str, pid: str) -> None:
             if pid == self.peer_id:
@@ -740,7 +759,8 @@ class Node:
             for addr, pid in infos:
                 n.start_soon(one, addr, pid)
         if connected:
-            with trio.move_on_after(max(0.1, min(timeout_s, 5))):
+            # one discovery round at once, within what is left of timeout_s
+            with trio.move_on_at(deadline):
                 await self._find(network=True, walk=True)
         return {
             "connected": connected,
@@ -749,6 +769,32 @@ class Node:
             "peers_connected": len(self.table.connected()),
             "satisfied": len(connected) >= min_connections,
         }
+
+
+@contextlib.contextmanager
+def _dht_errors(argument: str) -> Iterator[None]:
+    """A failed DHT lookup becomes an error that names the argument being resolved."""
+    try:
+        yield
+    except MCPPError:
+        raise
+    except Exception as e:  # py-libp2p's DHT has no common error root
+        raise ArgumentError(argument, f"DHT lookup failed: {type(e).__name__}: {e}") from e
+
+
+def _valid_addrs(value: object) -> list[str]:
+    """The multiaddr strings of a peer's hello that parse (anything else from the network is dropped)."""
+    if not isinstance(value, list):
+        return []
+    out = []
+    for a in value[:32]:
+        if isinstance(a, str) and len(a) < 512:
+            try:
+                multiaddr.Multiaddr(_strip_p2p(a))
+            except Exception:
+                continue
+            out.append(a)
+    return out
 
 
 def _parse_bootstrap(config: NodeConfig) -> list[tuple[str, str]]:

@@ -12,9 +12,9 @@ A malformed or oversized frame resets the stream; the node keeps serving everyon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -84,8 +84,8 @@ class FrameReader:
                     del self._buf[: _HDR.size + n]
                     try:
                         return json.loads(body), _HDR.size + n
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise FrameError(f"frame is not UTF-8 JSON: {e}") from e
+                    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
+                        raise FrameError(f"frame is not UTF-8 JSON: {type(e).__name__}: {str(e)[:200]}") from e
             chunk = await self._read()
             if not chunk:
                 if self._buf:
@@ -192,6 +192,9 @@ class RpcEndpoint:
         ch = self._channels.pop(peer_id, None)
         if ch is not None:
             ch.fail_all(StreamBroken(peer_id, "peer left"))
+            if self._nursery is not None:
+                self._nursery.start_soon(_reset_quietly, ch.stream)
+        self._open_locks.pop(peer_id, None)
 
     # ---- client ------------------------------------------------------------------------
     async def call(self, peer_id: str, method: str, params: Any = None, timeout_s: float | None = None) -> Any:
@@ -264,6 +267,11 @@ class RpcEndpoint:
                     err = StreamBroken(peer_id, f"write failed: {type(e).__name__}: {e}")
                     self._drop(ch, err)
                     raise err from e
+                except BaseException:
+                    # cancelled mid-write (a timeout): part of a frame may be on the wire, so this
+                    # stream can no longer be framed; the next call opens a fresh one
+                    self._drop(ch, StreamBroken(peer_id, "a write was interrupted"))
+                    raise
             self.traffic_of(peer_id).bytes_out += len(frame)
             await pending.event.wait()
         finally:
@@ -301,6 +309,9 @@ class RpcEndpoint:
                     p.event.set()
         except (FrameError, StreamBroken) as e:
             err = e
+        except Exception as e:  # never let one peer's stream kill the endpoint
+            log.warning("rpc response stream failed", extra=kv(peer=ch.peer_id, error=repr(e)))
+            err = StreamBroken(ch.peer_id, f"{type(e).__name__}: {e}")
         finally:
             self._drop(ch, err)
             with trio.move_on_after(1) as cs:
@@ -317,6 +328,7 @@ class RpcEndpoint:
         write_lock = trio.Lock()
         limit = trio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
         traffic = self.traffic_of(peer_id)
+        bad = False
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -324,6 +336,8 @@ class RpcEndpoint:
                         got = await reader.next_frame()
                     except (FrameError, StreamBroken) as e:
                         log.warning("rpc stream reset", extra=kv(peer=peer_id, reason=str(e)))
+                        bad = True
+                        nursery.cancel_scope.cancel()  # a desynchronised stream: drop its requests
                         break
                     if got is None:
                         break
@@ -333,11 +347,14 @@ class RpcEndpoint:
                     await limit.acquire()
                     nursery.start_soon(self._serve_one, peer_id, stream, write_lock, limit, msg)
                 # EOF: let in-flight requests finish and answer
+        except Exception as e:  # never let one peer's stream reach libp2p's connection task
+            log.warning("rpc stream failed", extra=kv(peer=peer_id, error=repr(e)))
+            bad = True
         finally:
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 try:
-                    await stream.close()
+                    await (stream.reset() if bad else stream.close())
                 except Exception:
                     pass
 
@@ -377,5 +394,6 @@ class RpcEndpoint:
             limit.release()
 
 
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(1), contextlib.suppress(Exception):
+        await stream.reset()

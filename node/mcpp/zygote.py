@@ -51,7 +51,7 @@ def _child(req: dict[str, Any], parent: int) -> None:
         sys.argv = ["mcpp", *req["argv"]]
         code = cli_main(list(req["argv"]))
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:
         traceback.print_exc()
     finally:
