@@ -220,7 +220,10 @@ class Node:
         self._first_seen.pop(peer_id, None)
         if gone:
             self._gone[peer_id] = time.monotonic()
-            self._backoff[peer_id] = _Backoff(time.monotonic() + GONE_REDIAL_S, GONE_REDIAL_S)
+            if rec is not None and rec.multiaddrs and self._nursery is not None:
+                # a connection can also close under a live peer (e.g. a duplicate connection
+                # dropped during formation): dial back once; only if that fails is it gone
+                self._nursery.start_soon(self._recheck, peer_id, list(rec.multiaddrs))
         if rec is None:
             return
         if rec.persistent:
@@ -230,6 +233,17 @@ class Node:
             self.table.remove(peer_id)
         log.info("peer left", extra=kv(peer=peer_id, reason=reason))
         self._update_peer_gauges()
+
+    async def _recheck(self, peer_id: str, addrs: list[str]) -> None:
+        if peer_id in self._dialing:
+            return
+        self._dialing.add(peer_id)
+        try:
+            await self.dial(peer_id, addrs, "recheck", timeout_s=2.0)
+        except (PeerUnreachable, trio.TooSlowError, MCPPError):
+            self._backoff[peer_id] = _Backoff(time.monotonic() + GONE_REDIAL_S, GONE_REDIAL_S)
+        finally:
+            self._dialing.discard(peer_id)
 
     def _in_backoff(self, peer_id: str) -> bool:
         b = self._backoff.get(peer_id)
