@@ -30,7 +30,7 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert data["startup"]["startup_s_median"] > 0 and data["idle"]["idle_rss_mb_mean"] > 0
     assert [f["nodes"] for f in data["formation"]] == [5, 10, 20]
     assert all(f.get("formed_in_s", 0) > 0 for f in data["formation"]), data["formation"]
-    rpc = data["rpc"]["mcpp rpc ping, node to node process"]
+    rpc = data["rpc"]["mcpp rpc echo (task per request), node to node process"]
     floor = data["rpc"]["trio TCP echo, same framing (floor)"]
     assert 0 < floor["p50_ms"] < rpc["p50_ms"] <= rpc["p99_ms"]
     assert (out / "results.md").read_text().startswith("# mcpp benchmark")

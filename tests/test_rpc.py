@@ -175,3 +175,31 @@ def test_garbage_from_a_raw_stream_resets_only_that_stream() -> None:
             assert await client.call(sid, "ok", "still serving") == "still serving"
 
     trio.run(go)
+
+
+def test_inline_and_spawned_handlers_interleave_on_one_stream() -> None:
+    async def go() -> None:
+        async with two_endpoints() as (client, server, sid, _):
+            release = trio.Event()
+
+            async def slow(peer: str, params: Any) -> Any:
+                await release.wait()
+                return "slow"
+
+            server.register("slow", slow)
+            server.register("fast", lambda peer, p: _const(p), inline=True)
+            got: list[Any] = []
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: _append(got, client.call(sid, "slow")))
+                await trio.sleep(0.1)
+                # an inline call is answered while a spawned one on the same stream still waits
+                assert await client.call(sid, "fast", 1) == 1
+                assert got == []
+                release.set()
+            assert got == ["slow"]
+
+    trio.run(go)
+
+
+async def _append(out: list[Any], aw: Any) -> None:
+    out.append(await aw)

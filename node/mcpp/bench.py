@@ -116,7 +116,7 @@ def _lat(samples_ns: list[int]) -> dict[str, float]:
             "mean_ms": round(statistics.mean(ms), 4), "samples": len(ms)}
 
 
-async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> dict[str, Any]:
+async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int, method: str) -> dict[str, Any]:
     cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / "rpc-client"),
                      log_level="warning", ping_interval_s=30, discovery_interval_s=30)
     async with open_node(cfg) as node:
@@ -124,11 +124,11 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> d
             while (rec := node.table.get(boot_id)) is None or not rec.connected:
                 await trio.sleep(0.01)
         for _ in range(200):  # warm-up
-            await node.rpc.call(boot_id, "ping")
+            await node.rpc.call(boot_id, method)
         lat = []
         for _ in range(calls):
             t0 = time.perf_counter_ns()
-            await node.rpc.call(boot_id, "ping")
+            await node.rpc.call(boot_id, method)
             lat.append(time.perf_counter_ns() - t0)
         done = 0
         started = time.perf_counter()
@@ -136,7 +136,7 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> d
         async def worker() -> None:
             nonlocal done
             for _ in range(calls // 32):
-                await node.rpc.call(boot_id, "ping")
+                await node.rpc.call(boot_id, method)
                 done += 1
 
         async with trio.open_nursery() as n:
@@ -146,8 +146,9 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int) -> d
     return {**_lat(lat), "calls_per_s_32_in_flight": round(rate), "samples_ns": lat}
 
 
-def measure_rpc(tmp: Path, calls: int) -> dict[str, Any]:
-    """mcpp RPC `ping` from an in-process node to a node process (yamux, Noise, loopback)."""
+def measure_rpc(tmp: Path, calls: int, method: str) -> dict[str, Any]:
+    """mcpp RPC `method` from an in-process node to a node process (yamux, Noise, loopback).
+    `ping` is served inline; `echo` through the task-per-request path every other method uses."""
     key = tmp / "rpc-boot.key"
     kp = identity.generate()
     identity.save(kp, key, overwrite=True)
@@ -167,7 +168,7 @@ def measure_rpc(tmp: Path, calls: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError("rpc bootstrap did not start")
             time.sleep(0.02)
-        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls)
+        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls, method)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -277,35 +278,35 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
     except ImportError:
         console.print("[yellow]matplotlib not installed: no plots[/]")
         return []
-    files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, s in rpc_samples.items():
-        ms = sorted(x / 1e6 for x in s)
-        ax.plot(ms, [i / len(ms) for i in range(len(ms))], label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("round trip (ms, log)")
-    ax.set_ylabel("fraction of calls")
-    ax.set_title("Small request round trip between two local processes")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "rpc_latency_cdf.png", dpi=110)
-    files.append("rpc_latency_cdf.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    def figure(name: str, title: str, xlabel: str, ylabel: str, draw: Callable[[Any], None]) -> str:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return name
+
+    def cdf(ax: Any) -> None:
+        for label, samples in rpc_samples.items():
+            ms = sorted(x / 1e6 for x in samples)
+            ax.plot(ms, [i / len(ms) for i in range(len(ms))], label=label)
+        ax.set_xscale("log")
+
     form = [f for f in results["formation"] if "error" not in f]
-    ns = [f["nodes"] for f in form]
-    ax.plot(ns, [f["formed_in_s"] for f in form], "o-", label="cluster up + formed (incl. process start)")
-    ax.plot(ns, [f["formation_after_up_s"] for f in form], "s-", label="formation after all nodes answer")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("seconds")
-    ax.set_title("Mesh formation through the DHT (2 cores)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "formation_vs_n.png", dpi=110)
-    files.append("formation_vs_n.png")
-    plt.close("all")
-    return files
+
+    def formation(ax: Any) -> None:
+        ns = [f["nodes"] for f in form]
+        ax.plot(ns, [f["formed_in_s"] for f in form], "o-", label="cluster up + formed (incl. process start)")
+        ax.plot(ns, [f["formation_after_up_s"] for f in form], "s-", label="formation after all nodes answer")
+
+    return [
+        figure("rpc_latency_cdf.png", "Small request round trip between two local processes",
+               "round trip (ms, log)", "fraction of calls", cdf),
+        figure("formation_vs_n.png", "Mesh formation through the DHT (2 cores)", "nodes", "seconds", formation),
+    ]
 
 
 def _markdown(results: dict[str, Any], command: str) -> str:
@@ -373,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"formation (cold exec): {results['formation_cold_20']}")
         samples: dict[str, list[int]] = {}
         results["rpc"] = {}
-        measures: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (("mcpp rpc ping, node to node process", lambda: measure_rpc(tmp, calls)),
+        measures: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (("mcpp rpc ping (inline handler), node to node process", lambda: measure_rpc(tmp, calls, "ping")),
+            ("mcpp rpc echo (task per request), node to node process", lambda: measure_rpc(tmp, calls, "echo")),
                           ("raw libp2p stream echo, yamux (in-process)", lambda: measure_raw_echo("yamux", calls)),
                           ("raw libp2p stream echo, mplex (in-process)", lambda: measure_raw_echo("mplex", calls)),
                           ("trio TCP echo, same framing (floor)", lambda: measure_tcp_floor(calls)))

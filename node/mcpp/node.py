@@ -93,7 +93,10 @@ class Node:
         self.role = config.role
         self.table = PeerTable()
         self.rpc = RpcEndpoint(host, config.max_message_bytes, config.rpc_timeout_s, metrics.observe_rpc)
-        self.rpc.register("ping", self._on_ping)
+        # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
+        # a truer RTT; echo is the same work through the normal task-per-request path
+        self.rpc.register("ping", self._on_ping, inline=True)
+        self.rpc.register("echo", self._on_echo)
         self.rpc.register("hello", self._on_hello)
         self.rpc.register("goodbye", self._on_goodbye)
         self.mcp_url: str | None = None
@@ -162,6 +165,9 @@ class Node:
     # ---- rpc handlers ------------------------------------------------------------------
     async def _on_ping(self, peer_id: str, params: Any) -> Any:
         return {"pong": True}
+
+    async def _on_echo(self, peer_id: str, params: Any) -> Any:
+        return params
 
     async def _on_hello(self, peer_id: str, params: Any) -> Any:
         if isinstance(params, dict):

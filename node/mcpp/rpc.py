@@ -163,6 +163,7 @@ class RpcEndpoint:
         self._max = max_message_bytes
         self._default_timeout_s = default_timeout_s
         self._handlers: dict[str, Handler] = {}
+        self._inline: set[str] = set()
         self._channels: dict[str, _Channel] = {}
         self._open_locks: dict[str, trio.Lock] = {}
         self._next_id = 1
@@ -171,8 +172,12 @@ class RpcEndpoint:
         self.traffic: dict[str, PeerTraffic] = {}
 
     # ---- setup -------------------------------------------------------------------------
-    def register(self, method: str, handler: Handler) -> None:
+    def register(self, method: str, handler: Handler, inline: bool = False) -> None:
+        """Serve `method`. inline=True runs the handler in the stream's read loop (no task spawn):
+        only for handlers that return without waiting on anything (e.g. ping)."""
         self._handlers[method] = handler
+        if inline:
+            self._inline.add(method)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -345,7 +350,11 @@ class RpcEndpoint:
                     traffic.bytes_in += size
                     traffic.last_in = time.time()
                     await limit.acquire()
-                    nursery.start_soon(self._serve_one, peer_id, stream, write_lock, limit, msg)
+                    if isinstance(msg, dict) and msg.get("m") in self._inline:
+                        # never blocks (see register): answered without spawning a task
+                        await self._serve_one(peer_id, stream, write_lock, limit, msg)
+                    else:
+                        nursery.start_soon(self._serve_one, peer_id, stream, write_lock, limit, msg)
                 # EOF: let in-flight requests finish and answer
         except Exception as e:  # never let one peer's stream reach libp2p's connection task
             log.warning("rpc stream failed", extra=kv(peer=peer_id, error=repr(e)))
