@@ -224,9 +224,10 @@ class Node:
         self.rpc.forget(peer_id)
         self.dht.remove_peer(peer_id)
         self._first_seen.pop(peer_id, None)
-        if gone:
+        if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
             self._gone[peer_id] = time.monotonic()
-            if rec is not None and rec.multiaddrs and self._nursery is not None:
+            said_goodbye = self._blocked.get(peer_id, 0.0) > time.monotonic()
+            if rec is not None and rec.multiaddrs and self._nursery is not None and not said_goodbye:
                 # a connection can also close under a live peer (e.g. a duplicate connection
                 # dropped during formation): dial back once; only if that fails is it gone
                 self._nursery.start_soon(self._recheck, peer_id, list(rec.multiaddrs))
