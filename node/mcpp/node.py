@@ -238,6 +238,7 @@ class Node:
             rec.hello_done = False
         else:
             self.table.remove(peer_id)
+            self.rpc.traffic.pop(peer_id, None)  # its counters go with its record
         log.info("peer left", extra=kv(peer=peer_id, reason=reason))
         self._update_peer_gauges()
 
@@ -357,6 +358,9 @@ class Node:
             for pid, t in list(self._gone.items()):
                 if now - t > GONE_MEMORY_S:
                     del self._gone[pid]
+            for pid, until in list(self._blocked.items()):
+                if until < now:
+                    del self._blocked[pid]
             await trio.sleep(WATCH_S)
 
     def _ping_every_s(self) -> float:
