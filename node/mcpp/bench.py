@@ -61,6 +61,23 @@ def _node_argv(tmp: Path, name: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "mcpp", "node", "--data-dir", str(tmp / name), *extra]
 
 
+def _wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout_s: float, poll_s: float) -> None:
+    """Poll `url` until it answers 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client() as client:
+        while True:
+            try:
+                if client.get(url, timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"node exited (code {proc.returncode}) before {url} answered")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
+            time.sleep(poll_s)
+
+
 def measure_startup(tmp: Path, runs: int) -> dict[str, Any]:
     """Seconds from exec to /readyz 200 for a bootstrap; RSS at that moment."""
     times, rss = [], []
@@ -71,16 +88,7 @@ def measure_startup(tmp: Path, runs: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         try:
-            with httpx.Client() as client:
-                while True:
-                    try:
-                        if client.get(f"http://127.0.0.1:{mcp}/readyz", timeout=0.5).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if proc.poll() is not None:
-                        raise RuntimeError("node exited during start-up")
-                    time.sleep(0.005)
+            _wait_http_ok(f"http://127.0.0.1:{mcp}/readyz", proc, 30, 0.005)
             times.append(time.perf_counter() - t0)
             rss.append(psutil.Process(proc.pid).memory_info().rss / 2**20)
         finally:
@@ -158,16 +166,7 @@ def measure_rpc(tmp: Path, calls: int, method: str) -> dict[str, Any]:
         "--role", "bootstrap", "--identity", str(key), "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp),
         "--log-level", "warning"]), stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{mcp}/healthz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("rpc bootstrap did not start")
-            time.sleep(0.02)
+        _wait_http_ok(f"http://127.0.0.1:{mcp}/healthz", proc, 20, 0.02)
         return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls, method)
     finally:
         proc.terminate()
