@@ -25,12 +25,21 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--capabilities", metavar="NAME", nargs="+")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-concurrent", metavar="N", type=int, help="tasks this node's worker runs at once (4)")
+    p.add_argument("--lease-s", metavar="S", type=float, help="lease of a running task, renewed by heartbeats (5)")
+    p.add_argument("--max-payload-bytes", metavar="B", type=int, help="limit of a task's payload and result (1 MiB)")
+    p.add_argument("--max-queued-tasks", metavar="N", type=int, help="waiting tasks this node may own (100000)")
+    p.add_argument("--quota", dest="quotas", metavar="TAG=Q/R", action="append",
+                   help="per-tag limit of queued (Q) and running (R) tasks, e.g. batch=100/4 (repeatable)")
+    p.add_argument("--handler", dest="handlers", metavar="NAME=module:function", action="append",
+                   help="an extra task type (repeatable)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
 
 
 _NODE_KEYS = (
     "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport",
-    "allowed_hosts", "data_dir", "capabilities", "log_level",
+    "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
+    "max_queued_tasks", "quotas", "handlers",
 )
 
 

@@ -55,6 +55,13 @@ class NodeConfig:
     peer_timeout_s: float = 5.0
     rpc_timeout_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # the task queue
+    max_concurrent: int = 4  # tasks this node's worker runs at once
+    lease_s: float = 5.0  # a running task's lease; workers renew it every lease_s / 3
+    max_payload_bytes: int = 1024 * 1024  # a task's payload and its result, as JSON
+    max_queued_tasks: int = 100_000  # waiting (queued + blocked) tasks this node owns
+    quotas: tuple[str, ...] = ()  # per tag: TAG=MAX_QUEUED/MAX_RUNNING, e.g. batch=100/4
+    handlers: tuple[str, ...] = ()  # extra task types: NAME=module:function
 
     @property
     def listen_addr(self) -> str:
@@ -85,6 +92,12 @@ SETTINGS: dict[str, str] = {
     "peer_timeout_s": "pos_float",
     "rpc_timeout_s": "pos_float",
     "max_message_bytes": "pos_int",
+    "max_concurrent": "pos_int",
+    "lease_s": "pos_float",
+    "max_payload_bytes": "pos_int",
+    "max_queued_tasks": "pos_int",
+    "quotas": "list",
+    "handlers": "list",
 }
 
 

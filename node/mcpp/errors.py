@@ -12,6 +12,10 @@ MCPPError
 │   ├── StreamBroken(peer_id)          the peer or the network broke the stream (not us)
 │   ├── FrameError                     a malformed / oversized frame
 │   └── RemoteError(code, method)      the peer answered with an error
+├── QueueError                         the task queue refused or failed an operation
+│   ├── TaskNotFound(task_id)          no node of the mesh owns that task id (an ArgumentError too)
+│   ├── QuotaExceeded(quota)           a submit over a configured limit; the message names it
+│   └── OwnerError(owner, code)        the task's owner answered a forwarded call with an error
 └── HarnessError
     └── NodeStartError(node, logs)     a node of a cluster did not become ready
 """
@@ -33,6 +37,10 @@ __all__ = [
     "RemoteError",
     "HarnessError",
     "NodeStartError",
+    "QueueError",
+    "TaskNotFound",
+    "QuotaExceeded",
+    "OwnerError",
 ]
 
 
@@ -108,6 +116,31 @@ class RemoteError(RPCError):
         self.method = method
         self.remote_message = message
         super().__init__(f"remote error in {method} [{code}]: {message}")
+
+
+class QueueError(MCPPError):
+    pass
+
+
+class TaskNotFound(QueueError, ArgumentError):
+    def __init__(self, task_id: str, argument: str = "task_id") -> None:
+        self.task_id = task_id
+        ArgumentError.__init__(self, argument, f"no task {task_id!r} in the mesh")
+
+
+class QuotaExceeded(QueueError):
+    def __init__(self, quota: str, reason: str) -> None:
+        self.quota = quota
+        super().__init__(f"quota {quota} exceeded: {reason}")
+
+
+class OwnerError(QueueError):
+    """A forwarded call failed at the task's owner; the message is the owner's own."""
+
+    def __init__(self, owner: str, code: str, message: str) -> None:
+        self.owner = owner
+        self.code = code
+        super().__init__(message)
 
 
 class HarnessError(MCPPError):

@@ -7,6 +7,7 @@ Every expected failure becomes a `ToolError` whose message starts with the argum
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's 
     from trio_typing import TaskStatus
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
@@ -31,11 +32,18 @@ from mcpp.errors import MCPPError
 from mcpp.log import kv
 from mcpp.metrics import CONTENT_TYPE
 from mcpp.node import PEER_STATUSES, SORT_KEYS, Node
+from mcpp.queue.model import STATUSES
 
-__all__ = ["build_server", "serve_http", "serve_stdio", "PEER_TOOLS"]
+__all__ = ["build_server", "serve_http", "serve_stdio", "PEER_TOOLS", "QUEUE_TOOLS"]
 
 log = logging.getLogger("mcpp.mcp")
 PEER_TOOLS = ("peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network")
+QUEUE_TOOLS = (
+    "task_submit", "task_status", "task_result", "task_cancel", "task_list", "task_priority", "task_retry",
+    "queue_stats", "queue_pause", "queue_resume", "queue_clear", "worker_register", "worker_unregister",
+    "worker_status",
+)
+PROGRESS_EVERY_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, Any]]])
 
@@ -129,6 +137,7 @@ def build_server(node: Node) -> MCPServer:
 
     for fn in (peer_discover, peer_connect, peer_disconnect, peer_list, peer_metrics, bootstrap_network):
         server.add_tool(_instrument(node, fn), structured_output=True)
+    _add_queue_tools(node, server)
 
     # the SDK's custom_route decorator is untyped
     @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
@@ -150,6 +159,158 @@ def build_server(node: Node) -> MCPServer:
         return JSONResponse(node.status())
 
     return server
+
+
+def _add_queue_tools(node: Node, server: MCPServer) -> None:
+    q = node.queue
+    assert q is not None, "open_node attaches the queue"
+
+    async def task_submit(
+        task_type: str,
+        payload: Any = {},  # noqa: B006 (never mutated)
+        task_id: str | None = None,
+        priority: float = 1.0,
+        depends_on: list[str] = [],  # noqa: B006
+        tags: list[str] = [],  # noqa: B006
+        timeout_s: float = 300,
+        retry_policy: dict[str, Any] | None = None,
+        metadata: dict[str, Any] = {},  # noqa: B006
+        cache_ttl_s: float = 0,
+    ) -> dict[str, Any]:
+        """Submit a task to the mesh. This node owns it (durably) and dispatches it to a worker that
+        serves task_type; higher priority first, FIFO within a priority. task_id (optional) is an
+        idempotency key. depends_on: task ids that must complete first. retry_policy defaults to
+        {max_attempts: 3, backoff_s: 0.5, backoff_factor: 2}. cache_ttl_s > 0 returns the result of
+        an identical completed task younger than that without running it again."""
+        return await q.submit(task_type, payload, task_id, priority, depends_on, tags, timeout_s, retry_policy,
+                              metadata, cache_ttl_s)
+
+    async def task_status(task_id: str, include_metrics: bool = False) -> dict[str, Any]:
+        """Status of any task of the mesh (asked of its owner): blocked | queued | running | completed |
+        failed | cancelled | dead_lettered, worker, attempts, progress; with metrics, wait and run times."""
+        return await q.status(task_id, include_metrics)
+
+    async def task_result(
+        task_id: str,
+        wait: bool = False,
+        timeout_s: float = 30,
+        include_logs: bool = False,
+        include_history: bool = False,
+        ctx: Context | None = None,
+    ) -> dict[str, Any]:
+        """Result of any task of the mesh. wait=True blocks until it is final (at most timeout_s) and
+        reports progress when the client sent a progress token. include_logs: the handler's log lines;
+        include_history: every attempt with its worker, times and error."""
+        if not wait or ctx is None:
+            return await q.result(task_id, wait, timeout_s, include_logs, include_history)
+        out: dict[str, Any] = {}
+        failed: list[MCPPError] = []
+        async with trio.open_nursery() as n:
+
+            async def waiter() -> None:
+                try:
+                    out.update(await q.result(task_id, wait, timeout_s, include_logs, include_history))
+                except MCPPError as e:
+                    failed.append(e)
+                finally:
+                    n.cancel_scope.cancel()
+
+            n.start_soon(waiter)
+            while True:
+                await trio.sleep(PROGRESS_EVERY_S)
+                with contextlib.suppress(MCPPError):
+                    st = await q.status(task_id, False)
+                    await ctx.report_progress(float(st["progress"]), 1.0, f"{st['status']} (attempt {st['attempts']})")
+        if failed:
+            raise failed[0]
+        return out
+
+    async def task_cancel(task_id: str, reason: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Cancel a task: a queued one at once; a running one is asked to stop on its worker and given
+        a short grace period, or cancelled at once with force."""
+        return await q.cancel(task_id, reason, force)
+
+    async def task_list(
+        status: Annotated[str | None, _enum(STATUSES, "filter by status")] = None,
+        task_type: str | None = None,
+        tag: str | None = None,
+        worker: str | None = None,
+        min_priority: float | None = None,
+        max_priority: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        scope: Annotated[str, _enum(("mesh", "local"), "mesh: every node; local: this node's own tasks")] = "mesh",
+    ) -> dict[str, Any]:
+        """List tasks, newest first, across the mesh (or this node's own); limit 1-1000."""
+        return await q.list_tasks(status, task_type, tag, worker, min_priority, max_priority, limit, offset, scope)
+
+    async def task_priority(task_id: str, priority: float | None = None, boost: float | None = None) -> dict[str, Any]:
+        """Set (priority) or raise/lower (boost) the priority of a queued task; the queue re-orders.
+        Returns the old and new priority and the new queue position."""
+        return await q.set_priority(task_id, priority, boost)
+
+    async def task_retry(
+        task_id: str,
+        priority: float | None = None,
+        timeout_s: float | None = None,
+        retry_policy: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Re-queue a failed, cancelled or dead-lettered task, optionally with new settings; its earlier
+        attempts stay in its history."""
+        return await q.retry(task_id, priority, timeout_s, retry_policy)
+
+    async def queue_stats(
+        scope: Annotated[str, _enum(("mesh", "local"), "mesh: every node; local: this node")] = "mesh",
+        include_worker_stats: bool = False,
+    ) -> dict[str, Any]:
+        """Counts by status and type, per node, completed per second (last 60 s), mean wait and run
+        time; with include_worker_stats, every worker's figures."""
+        return await q.stats(scope, include_worker_stats)
+
+    async def queue_pause(task_type: str | None = None, reason: str | None = None) -> dict[str, Any]:
+        """Stop dispatching this node's queued tasks (all, or one task type); they stay queued."""
+        return q.pause(task_type, reason)
+
+    async def queue_resume(task_type: str | None = None, reorder: bool = False) -> dict[str, Any]:
+        """Restart dispatch on this node (all, or one type). reorder=True also moves tasks waiting out a
+        retry backoff into the queue at once, in priority order."""
+        return q.resume(task_type, reorder)
+
+    async def queue_clear(
+        confirm: bool,
+        status: Annotated[str, _enum(STATUSES, "which tasks to remove")] = "queued",
+        task_type: str | None = None,
+        tag: str | None = None,
+    ) -> dict[str, Any]:
+        """Remove this node's tasks in one status (optionally of one type / tag). Refuses unless
+        confirm is true. Returns how many were removed."""
+        return q.clear(confirm, status, task_type, tag)
+
+    async def worker_register(
+        capabilities: list[str],
+        max_concurrent: int = 4,
+        resources: dict[str, float] | None = None,
+        worker_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Start or reconfigure this node's worker: the task types it runs, how many at once, and
+        resource limits (e.g. {"cpu": 2, "memory_mb": 512}) that tasks' metadata.resources count against.
+        Advertised to the mesh (peer table and DHT) at once."""
+        return q.register(capabilities, max_concurrent, resources, worker_id)
+
+    async def worker_unregister(worker_id: str, drain: bool = True) -> dict[str, Any]:
+        """Stop a worker of the mesh taking tasks; it finishes its running tasks (drain) or stops them
+        and their owners queue them again (drain=false)."""
+        return await q.unregister(worker_id, drain)
+
+    async def worker_status(worker_id: str | None = None, include_tasks: bool = False) -> dict[str, Any]:
+        """One or all workers of the mesh: capabilities, running, completed, failed, load, RSS, CPU,
+        reputation (+ the tasks each holds)."""
+        return await q.worker_status(worker_id, include_tasks)
+
+    for fn in (task_submit, task_status, task_result, task_cancel, task_list, task_priority, task_retry,
+               queue_stats, queue_pause, queue_resume, queue_clear, worker_register, worker_unregister,
+               worker_status):
+        server.add_tool(_instrument(node, fn), structured_output=True)
 
 
 def _security(node: Node) -> TransportSecuritySettings:

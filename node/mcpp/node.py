@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import multiaddr
@@ -21,6 +22,8 @@ import trio
 
 if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's own annotations
     from trio_typing import TaskStatus
+
+    from mcpp.queue.service import QueueService
 
 from mcpp import identity
 from mcpp.config import NodeConfig
@@ -100,6 +103,11 @@ class Node:
         self.rpc.register("hello", self._on_hello)
         self.rpc.register("goodbye", self._on_goodbye)
         self.mcp_url: str | None = None
+        # layers above the runtime (the queue) add to what hello says and to what is provided
+        self.info_extra: dict[str, Callable[[], Any]] = {}
+        self.capability_sources: list[Callable[[], Iterable[str]]] = []
+        self.peer_joined_hooks: list[Callable[[str], None]] = []
+        self.queue: QueueService | None = None
         self.joined = trio.Event()
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
@@ -141,9 +149,20 @@ class Node:
             "peer_id": self.peer_id,
             "role": self.role,
             "multiaddrs": self.multiaddrs,
-            "capabilities": list(self.config.capabilities),
+            "capabilities": self.advertised_capabilities(),
             "mcp_url": self.mcp_url,
+            **{k: fn() for k, fn in self.info_extra.items()},
         }
+
+    def advertised_capabilities(self) -> list[str]:
+        caps = dict.fromkeys(self.config.capabilities)
+        for src in self.capability_sources:
+            caps.update(dict.fromkeys(src()))
+        return list(caps)
+
+    def reprovide_soon(self) -> None:
+        """Capabilities changed: provide them in the DHT at the next discovery tick."""
+        self._last_provide = 0.0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -192,6 +211,7 @@ class Node:
             multiaddrs=addrs or None,
             capabilities=[str(c) for c in caps] if isinstance(caps, list) else None,
             mcp_url=info.get("mcp_url") if isinstance(info.get("mcp_url"), str) else None,
+            worker=info.get("worker") if isinstance(info.get("worker"), dict) else None,
         )
         if rec.source == "dht" and source != "dht":
             rec.source = source
@@ -200,6 +220,8 @@ class Node:
             rec.connected = True
             rec.connected_since = now
             log.info("peer joined", extra=kv(peer=peer_id, role=rec.role, source=source))
+            for hook in self.peer_joined_hooks:
+                hook(peer_id)
         rec.hello_done = True
         rec.last_seen = now
         self._gone.pop(peer_id, None)
@@ -409,7 +431,7 @@ class Node:
         try:
             with trio.move_on_after(10):
                 await self.dht.provide(MESH_KEY)
-                for cap in self.config.capabilities:
+                for cap in self.advertised_capabilities():
                     await self.dht.provide(capability_key(cap))
             self._last_provide = time.monotonic()
         except Exception as e:
@@ -850,6 +872,9 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     Resource handling: the host is closed on exit, also on error or cancellation.
     """
     _parse_bootstrap(config)  # fail before binding anything
+    from mcpp.queue.model import parse_quotas
+
+    parse_quotas(config.quotas)
     kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
     host = make_host(kp, announce=config.announce)
@@ -858,13 +883,20 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):
             async with open_dht(host) as dht:
                 node = Node(config, host, dht, metrics)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(node.run)
-                    log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
-                    try:
-                        yield node
-                    finally:
-                        nursery.cancel_scope.cancel()
+                from mcpp.queue.service import QueueService  # the queue is built on the node
+
+                queue = node.queue = QueueService(node, config)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(node.run)
+                        await nursery.start(queue.run)
+                        log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
+                        try:
+                            yield node
+                        finally:
+                            nursery.cancel_scope.cancel()
+                finally:
+                    queue.close()
     finally:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(3):

@@ -48,6 +48,7 @@ class PeerRecord:
     ping_failures: int = 0
     last_ping_sent: float = 0.0  # monotonic
     hello_done: bool = False
+    worker: dict[str, Any] | None = None  # its task worker as it advertised it (hello / w.update)
 
     def add_rtt(self, ms: float) -> None:
         self.rtt_ms.append((time.time(), ms))

@@ -1,0 +1,542 @@
+"""The mesh-wide task queue of one node: the operations behind the 14 queue tools.
+
+It joins the owner side (`Broker`), the worker side (`Worker`) and the node's RPC endpoint.
+Calls about one task go to its owner: the id names it (`<hex>@<peer id>`), or, for an id the
+caller chose, the owner is found by asking every connected peer (`q.where`, cached).
+Mesh-wide reads (task_list, queue_stats, worker_status with scope="mesh") ask every connected
+peer in parallel and merge; a peer that does not answer in time is listed as unreachable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import trio
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+    from mcpp.node import Node
+
+from mcpp.config import NodeConfig
+from mcpp.errors import ArgumentError, MCPPError, OwnerError, PeerError, QueueError, RemoteError, RPCError, TaskNotFound
+from mcpp.log import kv
+from mcpp.queue.broker import Broker, BrokerSettings, WorkerView, check_submit
+from mcpp.queue.handlers import HandlerRegistry
+from mcpp.queue.model import STATUSES, parse_quotas, check_limit, check_number, check_str_list, check_task_id, owner_of
+from mcpp.queue.store import TaskFilter, TaskStore
+from mcpp.queue.worker import Worker, WorkerSettings
+
+__all__ = ["QueueService", "SCOPES", "STORE_FILE"]
+
+log = logging.getLogger("mcpp.queue")
+SCOPES = ("mesh", "local")
+STORE_FILE = "queue.sqlite3"
+MESH_CALL_S = 5.0
+LOCATE_CACHE = 10_000
+RpcHandler = Callable[[str, Any], Awaitable[Any]]
+
+
+class QueueService:
+    def __init__(self, node: Node, config: NodeConfig) -> None:
+        self.node = node
+        self.me = node.peer_id
+        self.config = config
+        self.store = TaskStore(Path(config.data_dir) / STORE_FILE)
+        self.registry = HandlerRegistry(config.handlers)
+        self.worker = Worker(self.me, self.registry, self._initial_worker_settings(), self._call,
+                             config.lease_s, config.max_payload_bytes)
+        self.broker = Broker(
+            self.me, self.store,
+            BrokerSettings(config.lease_s, config.max_payload_bytes, config.max_queued_tasks, parse_quotas(config.quotas)),
+            self._call, self._worker_views, self._type_known,
+        )
+        self.worker.on_change = self._worker_changed
+        self._located: OrderedDict[str, str] = OrderedDict()
+        self._process = psutil.Process()
+        self._local: dict[str, RpcHandler] = {
+            "q.submit": self._rpc_submit,
+            "q.status": self._rpc_status,
+            "q.result": self._rpc_result,
+            "q.cancel": self._rpc_cancel,
+            "q.priority": self._rpc_priority,
+            "q.retry": self._rpc_retry,
+            "q.where": self._rpc_where,
+            "q.statuses": self._rpc_statuses,
+            "q.list": self._rpc_list,
+            "q.stats": self._rpc_stats,
+            "q.done": self._rpc_done,
+            "q.beat": self._rpc_beat,
+            "w.run": self.worker.on_run,
+            "w.cancel": self.worker.on_cancel,
+            "w.info": self._rpc_worker_info,
+            "w.unregister": self._rpc_unregister,
+            "w.update": self._rpc_worker_update,
+        }
+        for method, handler in self._local.items():
+            node.rpc.register(method, handler)
+        node.info_extra["worker"] = self.worker.info
+        node.capability_sources.append(lambda: self.worker.settings.task_types if self.worker.settings.active else ())
+        node.peer_joined_hooks.append(lambda pid: self.broker.kick())
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _initial_worker_settings(self) -> WorkerSettings:
+        saved = self.store.get_meta("worker")
+        if isinstance(saved, dict):
+            types = tuple(t for t in saved.get("task_types", []) if self.registry.get(t) is not None)
+            return WorkerSettings(str(saved.get("worker_id") or self.me), types,
+                                  int(saved.get("max_concurrent", self.config.max_concurrent)),
+                                  dict(saved.get("resources") or {}), bool(saved.get("active", True)))
+        caps = self.config.capabilities
+        types = tuple(c for c in caps if self.registry.get(c) is not None) if caps else tuple(self.registry.names())
+        return WorkerSettings(self.me, types, self.config.max_concurrent)
+
+    async def _call(self, peer: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
+        """An RPC to `peer`, or a direct call when the peer is this node (same handlers)."""
+        if peer == self.me:
+            return await self._local[method](self.me, params)
+        return await self.node.rpc.call(peer, method, params, timeout_s=timeout_s)
+
+    async def _owner_call(self, owner: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
+        """A call forwarded to a task's owner; the owner's errors keep their message."""
+        try:
+            return await self._call(owner, method, params, timeout_s)
+        except RemoteError as e:
+            raise OwnerError(owner, e.code, e.remote_message) from None
+        except (PeerError, RPCError) as e:
+            raise QueueError(f"task_id: the task's owner {owner} is not reachable ({e})") from None
+
+    def _peers(self) -> list[str]:
+        return [r.peer_id for r in self.node.table.connected() if r.hello_done]
+
+    def _worker_views(self) -> list[WorkerView]:
+        views = []
+        s = self.worker.settings
+        if s.active and s.task_types:
+            views.append(WorkerView(self.me, s.worker_id, frozenset(s.task_types), s.max_concurrent, dict(s.resources), 0.0))
+        for rec in self.node.table.connected():
+            w = rec.worker
+            if not rec.hello_done or not isinstance(w, dict) or not w.get("active"):
+                continue
+            try:
+                views.append(WorkerView(rec.peer_id, str(w.get("worker_id") or rec.peer_id),
+                                        frozenset(str(t) for t in w.get("task_types", [])),
+                                        int(w.get("max_concurrent", 1)),
+                                        {str(k): float(v) for k, v in (w.get("resources") or {}).items()},
+                                        rec.rtt_p50() or 1.0))
+            except (TypeError, ValueError):
+                continue
+        return views
+
+    def _type_known(self, task_type: str) -> bool:
+        if self.registry.get(task_type) is not None:
+            return True
+        return any(task_type in w.task_types for w in self._worker_views())
+
+    def _worker_changed(self) -> None:
+        self.store.set_meta("worker", self.worker.settings.as_dict())
+        info = self.worker.info()
+        for pid in self._peers():
+            self.node._spawn(self._push_worker_info, pid, info)
+        self.node.reprovide_soon()
+        self.broker.kick()
+
+    async def _push_worker_info(self, peer: str, info: dict[str, Any]) -> None:
+        try:
+            await self.node.rpc.call(peer, "w.update", info, timeout_s=5)
+        except MCPPError as e:
+            log.debug("worker update not delivered", extra=kv(peer=peer, error=str(e)))
+
+    async def _gather(self, method: str, params: Any, peers: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Call `method` on this node and every connected peer at once: ({peer: answer}, unreachable)."""
+        answers: dict[str, Any] = {}
+        failed: list[str] = []
+        targets = [self.me, *(self._peers() if peers is None else peers)]
+
+        async def one(pid: str) -> None:
+            try:
+                answers[pid] = await self._call(pid, method, params, MESH_CALL_S)
+            except MCPPError as e:
+                failed.append(pid)
+                log.debug("mesh call failed", extra=kv(peer=pid, method=method, error=str(e)))
+
+        with trio.move_on_after(MESH_CALL_S + 1):
+            async with trio.open_nursery() as n:
+                for pid in dict.fromkeys(targets):
+                    n.start_soon(one, pid)
+        return answers, failed
+
+    # ---- locating owners ---------------------------------------------------------------
+    async def locate(self, task_id: str, argument: str = "task_id") -> str:
+        owner = owner_of(task_id)
+        if owner is not None:
+            return owner
+        found = await self.find(task_id)
+        if found is None:
+            raise TaskNotFound(task_id, argument)
+        return found
+
+    async def find(self, task_id: str) -> str | None:
+        """The owner of a caller-chosen id, or None if no connected node holds it."""
+        if self.store.exists(task_id):
+            return self.me
+        cached = self._located.get(task_id)
+        if cached is not None:
+            return cached
+        answers, _ = await self._gather("q.where", {"ids": [task_id]}, self._peers())
+        for pid, ids in answers.items():
+            if pid != self.me and task_id in (ids or []):
+                self._located[task_id] = pid
+                while len(self._located) > LOCATE_CACHE:
+                    self._located.popitem(last=False)
+                return pid
+        return None
+
+    # ---- rpc handlers (owner side) -----------------------------------------------------
+    async def _rpc_where(self, peer: str, p: Any) -> Any:
+        return [t for t in p["ids"][:1000] if isinstance(t, str) and self.store.exists(t)]
+
+    async def _rpc_statuses(self, peer: str, p: Any) -> Any:
+        recs = self.store.get_many([t for t in p["ids"][:1000] if isinstance(t, str)])
+        return {tid: r.status for tid, r in recs.items()}
+
+    async def _rpc_submit(self, peer: str, p: Any) -> Any:
+        return await self._accept(p)
+
+    async def _rpc_status(self, peer: str, p: Any) -> Any:
+        return self.broker.status(p["task_id"], bool(p.get("include_metrics")))
+
+    async def _rpc_result(self, peer: str, p: Any) -> Any:
+        tid = p["task_id"]
+        timed_out = False
+        if p.get("wait"):
+            with trio.move_on_after(float(p.get("timeout_s", 30))) as cs:
+                await self.broker.wait_final(tid)
+            timed_out = cs.cancelled_caught
+        out = self.broker.result(tid, bool(p.get("include_logs")), bool(p.get("include_history")))
+        out["timed_out"] = timed_out
+        return out
+
+    async def _rpc_cancel(self, peer: str, p: Any) -> Any:
+        return self.broker.cancel(p["task_id"], p.get("reason"), bool(p.get("force")))
+
+    async def _rpc_priority(self, peer: str, p: Any) -> Any:
+        return self.broker.set_priority(p["task_id"], p.get("priority"), p.get("boost"))
+
+    async def _rpc_retry(self, peer: str, p: Any) -> Any:
+        return self.broker.retry(p["task_id"], p.get("priority"), p.get("timeout_s"), p.get("retry_policy"))
+
+    async def _rpc_list(self, peer: str, p: Any) -> Any:
+        flt = TaskFilter(**p["filter"])
+        recs, total = self.broker.list_tasks(flt, int(p["limit"]), int(p.get("offset", 0)))
+        return {"tasks": [r.summary() for r in recs], "total": total}
+
+    async def _rpc_stats(self, peer: str, p: Any) -> Any:
+        out = self.broker.local_stats()
+        out["timed"] = self.broker.stats.n_timed
+        return out
+
+    async def _rpc_done(self, peer: str, p: Any) -> Any:
+        return self.broker.on_done(peer, p.get("free"), list(p.get("results") or []))
+
+    async def _rpc_beat(self, peer: str, p: Any) -> Any:
+        return self.broker.on_beat(peer, list(p.get("tasks") or []))
+
+    async def _rpc_worker_info(self, peer: str, p: Any) -> Any:
+        return self.worker_info(bool((p or {}).get("include_tasks")))
+
+    async def _rpc_worker_update(self, peer: str, p: Any) -> Any:
+        rec = self.node.table.get(peer)
+        if rec is not None and isinstance(p, dict):
+            rec.worker = p
+            self.broker.kick()
+        return {"ok": True}
+
+    async def _rpc_unregister(self, peer: str, p: Any) -> Any:
+        return self.unregister_local(bool(p.get("drain", True)))
+
+    # ---- operations (the queue tools) --------------------------------------------------
+    async def submit(self, task_type: Any, payload: Any, task_id: Any, priority: Any, depends_on: Any, tags: Any,
+                     timeout_s: Any, retry_policy: Any, metadata: Any, cache_ttl_s: Any) -> dict[str, Any]:
+        payload = {} if payload is None else payload
+        depends_on = depends_on or []
+        tags = tags or []
+        metadata = metadata or {}
+        check_submit(task_type, payload, task_id, priority, depends_on, tags, timeout_s, retry_policy, metadata,
+                     cache_ttl_s, self.config.max_payload_bytes)
+        if not self._type_known(task_type):
+            raise ArgumentError("task_type", f"unknown task type {task_type!r}: no worker of the mesh serves it "
+                                f"(this node's handlers: {', '.join(self.registry.names())})")
+        args = {"task_type": task_type, "payload": payload, "task_id": task_id, "priority": priority,
+                "depends_on": list(depends_on), "tags": list(tags), "timeout_s": timeout_s,
+                "retry_policy": retry_policy, "metadata": metadata, "cache_ttl_s": cache_ttl_s}
+        owner = self.me
+        if task_id is not None:
+            owner = owner_of(task_id) or await self.find(task_id) or self.me
+        if owner != self.me:
+            return dict(await self._owner_call(owner, "q.submit", args))
+        return await self._accept(args)
+
+    async def _accept(self, a: dict[str, Any]) -> dict[str, Any]:
+        if a["task_id"] is not None and self.store.exists(a["task_id"]):
+            return self.broker.submit(**a, dep_status={})  # idempotent: returns the existing task
+        deps: list[str] = a["depends_on"]
+        dep_status: dict[str, str] = {}
+        by_owner: dict[str, list[str]] = {}
+        for i, d in enumerate(deps):
+            by_owner.setdefault(await self.locate(d, f"depends_on[{i}]"), []).append(d)
+        for owner, ids in by_owner.items():
+            dep_status.update(await self._owner_call(owner, "q.statuses", {"ids": ids}))
+        for i, d in enumerate(deps):
+            if d not in dep_status:
+                raise TaskNotFound(d, f"depends_on[{i}]")
+        return self.broker.submit(**a, dep_status=dep_status)
+
+    async def status(self, task_id: Any, include_metrics: bool) -> dict[str, Any]:
+        tid = check_task_id(task_id)
+        return dict(await self._owner_call(await self.locate(tid), "q.status",
+                                           {"task_id": tid, "include_metrics": include_metrics}))
+
+    async def result(self, task_id: Any, wait: bool, timeout_s: Any, include_logs: bool,
+                     include_history: bool) -> dict[str, Any]:
+        tid = check_task_id(task_id)
+        check_number("timeout_s", timeout_s, 0, 3600)
+        owner = await self.locate(tid)
+        params = {"task_id": tid, "wait": wait, "timeout_s": timeout_s, "include_logs": include_logs,
+                  "include_history": include_history}
+        return dict(await self._owner_call(owner, "q.result", params, float(timeout_s) + 10))
+
+    async def cancel(self, task_id: Any, reason: Any, force: bool) -> dict[str, Any]:
+        tid = check_task_id(task_id)
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise ArgumentError("reason", "must be a string of at most 1000 characters")
+        return dict(await self._owner_call(await self.locate(tid), "q.cancel",
+                                           {"task_id": tid, "reason": reason, "force": force}))
+
+    async def set_priority(self, task_id: Any, priority: Any, boost: Any) -> dict[str, Any]:
+        tid = check_task_id(task_id)
+        if priority is None and boost is None:
+            raise ArgumentError("priority", "give priority (a new value) or boost (a change)")
+        if priority is not None:
+            check_number("priority", priority, -1e9, 1e9)
+        if boost is not None:
+            check_number("boost", boost, -1e9, 1e9)
+        return dict(await self._owner_call(await self.locate(tid), "q.priority",
+                                           {"task_id": tid, "priority": priority, "boost": boost}))
+
+    async def retry(self, task_id: Any, priority: Any, timeout_s: Any, retry_policy: Any) -> dict[str, Any]:
+        from mcpp.queue.model import RetryPolicy
+
+        tid = check_task_id(task_id)
+        if priority is not None:
+            check_number("priority", priority, -1e9, 1e9)
+        if timeout_s is not None:
+            check_number("timeout_s", timeout_s, 0.001, 86400 * 7)
+        if retry_policy is not None:
+            RetryPolicy.parse(retry_policy)
+        return dict(await self._owner_call(await self.locate(tid), "q.retry",
+                                           {"task_id": tid, "priority": priority, "timeout_s": timeout_s,
+                                            "retry_policy": retry_policy}))
+
+    async def list_tasks(self, status: Any, task_type: Any, tag: Any, worker: Any, min_priority: Any,
+                         max_priority: Any, limit: Any, offset: Any, scope: Any) -> dict[str, Any]:
+        limit, offset = check_limit(limit, offset)
+        if status is not None and status not in STATUSES:
+            raise ArgumentError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+        if scope not in SCOPES:
+            raise ArgumentError("scope", f"must be mesh or local, got {scope!r}")
+        for name, v in (("task_type", task_type), ("tag", tag), ("worker", worker)):
+            if v is not None and (not isinstance(v, str) or not v or len(v) > 200):
+                raise ArgumentError(name, "must be a non-empty string of at most 200 characters")
+        for name, v in (("min_priority", min_priority), ("max_priority", max_priority)):
+            if v is not None:
+                check_number(name, v, -1e9, 1e9)
+        flt = {"status": status, "task_type": task_type, "tag": tag, "worker": worker,
+               "min_priority": min_priority, "max_priority": max_priority}
+        params = {"filter": flt, "limit": limit + offset, "offset": 0}
+        peers = self._peers() if scope == "mesh" else []
+        answers, failed = await self._gather("q.list", params, peers)
+        rows = [t for a in answers.values() for t in a["tasks"]]
+        rows.sort(key=lambda t: (-(t["created_at"] or 0.0), t["task_id"]))
+        total = sum(int(a["total"]) for a in answers.values())
+        page = rows[offset : offset + limit]
+        return {"tasks": page, "count": len(page), "total": total, "has_more": offset + len(page) < total,
+                "scope": scope, "nodes": len(answers), "unreachable": failed}
+
+    async def stats(self, scope: Any, include_worker_stats: bool) -> dict[str, Any]:
+        if scope not in SCOPES:
+            raise ArgumentError("scope", f"must be mesh or local, got {scope!r}")
+        peers = self._peers() if scope == "mesh" else []
+        answers, failed = await self._gather("q.stats", {}, peers)
+        keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
+                "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored")
+        out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in keys}
+        by_type: dict[str, dict[str, int]] = {}
+        for a in answers.values():
+            for t, counts in a["by_type"].items():
+                for s, n in counts.items():
+                    by_type.setdefault(t, {}).setdefault(s, 0)
+                    by_type[t][s] += n
+        timed = sum(int(a.get("timed", 0)) for a in answers.values())
+
+        def mean(key: str) -> float | None:
+            if not timed:
+                return None
+            return round(sum((a.get(key) or 0.0) * int(a.get("timed", 0)) for a in answers.values()) / timed, 6)
+
+        out.update({
+            "by_type": by_type,
+            "completed_per_s": round(sum(float(a["completed_per_s"]) for a in answers.values()), 3),
+            "mean_wait_s": mean("mean_wait_s"),
+            "mean_run_s": mean("mean_run_s"),
+            "paused": dict(self.broker.paused),
+            "per_node": {pid: {k: a.get(k) for k in (*keys[:7], "completed_per_s", "paused")} for pid, a in answers.items()},
+            "scope": scope,
+            "unreachable": failed,
+        })
+        if include_worker_stats:
+            workers, _ = await self._gather("w.info", {}, peers)
+            out["workers"] = [self._with_reputation(w) for w in workers.values()]
+        return out
+
+    def pause(self, task_type: Any, reason: Any) -> dict[str, Any]:
+        self._check_opt_str("task_type", task_type)
+        self._check_opt_str("reason", reason, 1000)
+        return self.broker.pause(task_type, reason)
+
+    def resume(self, task_type: Any, reorder: bool) -> dict[str, Any]:
+        self._check_opt_str("task_type", task_type)
+        return self.broker.resume(task_type, reorder)
+
+    def clear(self, confirm: Any, status: Any, task_type: Any, tag: Any) -> dict[str, Any]:
+        if confirm is not True:
+            raise ArgumentError("confirm", "must be true to clear tasks (nothing was removed)")
+        if status not in STATUSES:
+            raise ArgumentError("status", f"must be one of {', '.join(STATUSES)}, got {status!r}")
+        self._check_opt_str("task_type", task_type)
+        self._check_opt_str("tag", tag)
+        n = self.broker.clear(status, task_type, tag)
+        return {"removed": n, "status": status, "task_type": task_type, "tag": tag}
+
+    @staticmethod
+    def _check_opt_str(name: str, v: Any, max_len: int = 200) -> None:
+        if v is not None and (not isinstance(v, str) or not v or len(v) > max_len):
+            raise ArgumentError(name, f"must be a non-empty string of at most {max_len} characters")
+
+    # ---- workers -----------------------------------------------------------------------
+    def register(self, capabilities: Any, max_concurrent: Any, resources: Any, worker_id: Any) -> dict[str, Any]:
+        caps = check_str_list("capabilities", capabilities)
+        if not caps:
+            raise ArgumentError("capabilities", "give at least one task type")
+        for i, c in enumerate(caps):
+            if self.registry.get(c) is None:
+                raise ArgumentError(f"capabilities[{i}]", f"no handler for task type {c!r} on this node "
+                                    f"(registered: {', '.join(self.registry.names())})")
+        check_number("max_concurrent", max_concurrent, 1, 10_000, integer=True)
+        res: dict[str, float] = {}
+        if resources is not None:
+            if not isinstance(resources, dict):
+                raise ArgumentError("resources", "must be an object such as {\"cpu\": 2, \"memory_mb\": 512}")
+            for k, v in resources.items():
+                res[str(k)] = check_number(f"resources.{k}", v, 0, 1e12)
+        if worker_id is not None:
+            self._check_opt_str("worker_id", worker_id)
+        wid = worker_id or self.worker.settings.worker_id or self.me
+        self.worker.configure(WorkerSettings(wid, tuple(dict.fromkeys(caps)), int(max_concurrent), res, True))
+        return {**self.worker_info(False), "registered": True}
+
+    def unregister_local(self, drain: bool) -> dict[str, Any]:
+        s = self.worker.settings
+        running = len(self.worker.running)
+        requeued = 0 if drain else self.worker.stop_all(True, "worker unregistered without drain")
+        self.worker.configure(WorkerSettings(s.worker_id, s.task_types, s.max_concurrent, s.resources, False))
+        return {"worker_id": s.worker_id, "peer_id": self.me, "active": False, "drain": drain,
+                "running": running - requeued, "requeued": requeued}
+
+    async def unregister(self, worker_id: Any, drain: bool) -> dict[str, Any]:
+        self._check_opt_str("worker_id", worker_id)
+        if worker_id in (self.worker.settings.worker_id, self.me):
+            return self.unregister_local(drain)
+        infos, _ = await self._gather("w.info", {}, self._peers())
+        for pid, info in infos.items():
+            if worker_id in (info.get("worker_id"), pid):
+                return dict(await self._owner_call(pid, "w.unregister", {"drain": drain}))
+        raise ArgumentError("worker_id", f"no worker {worker_id!r} in the mesh")
+
+    def worker_info(self, include_tasks: bool) -> dict[str, Any]:
+        s = self.worker.settings
+        mem = self._process.memory_info()
+        done = self.worker.completed + self.worker.failed
+        out: dict[str, Any] = {
+            **self.worker.info(),
+            "peer_id": self.me,
+            "capabilities": list(s.task_types),
+            "completed": self.worker.completed,
+            "failed": self.worker.failed,
+            "rejected": self.worker.rejected,
+            "load": round(len(self.worker.running) / max(1, s.max_concurrent), 4),
+            "rss_mb": round(mem.rss / 2**20, 2),
+            "cpu_percent": self._process.cpu_percent(None),
+            "success_rate": None if done == 0 else round(self.worker.completed / done, 4),
+        }
+        if include_tasks:
+            out["tasks"] = [{"task_id": r.task_id, "owner": r.owner, "attempt": r.attempt, "task_type": r.task_type,
+                             "started_at": r.started_at, "progress": r.ctx.progress_value}
+                            for r in self.worker.running.values()]
+        return out
+
+    def _with_reputation(self, info: dict[str, Any]) -> dict[str, Any]:
+        pid = str(info.get("peer_id"))
+        rec = self.node.table.get(pid)
+        rep = self.broker.reputation.get(pid)
+        info["reputation"] = round(rep if rep is not None else (rec.reputation if rec else 0.5), 4)
+        return info
+
+    async def worker_status(self, worker_id: Any, include_tasks: bool) -> dict[str, Any]:
+        self._check_opt_str("worker_id", worker_id)
+        infos, failed = await self._gather("w.info", {"include_tasks": include_tasks})
+        workers = [self._with_reputation(i) for i in infos.values()]
+        if worker_id is not None:
+            workers = [w for w in workers if worker_id in (w.get("worker_id"), w.get("peer_id"))]
+            if not workers:
+                raise ArgumentError("worker_id", f"no worker {worker_id!r} in the mesh")
+        workers.sort(key=lambda w: str(w.get("worker_id")))
+        return {"workers": workers, "count": len(workers), "unreachable": failed}
+
+    # ---- loops -------------------------------------------------------------------------
+    async def _dependency_loop(self) -> None:
+        """Tasks blocked on tasks of other owners: poll those owners for final states."""
+        while True:
+            await trio.sleep(0.5)
+            remote = self.broker.remote_dependencies()
+            if not remote:
+                continue
+            by_owner: dict[str, list[str]] = {}
+            for d in remote:
+                o = owner_of(d) or await self.find(d)
+                if o is not None:
+                    by_owner.setdefault(o, []).append(d)
+            for owner, ids in by_owner.items():
+                try:
+                    st = await self._call(owner, "q.statuses", {"ids": ids}, 5)
+                except MCPPError:
+                    continue
+                for d, s in st.items():
+                    if s in ("completed", "failed", "cancelled", "dead_lettered"):
+                        self.broker.dependency_final(d, s)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.worker.run)
+            await nursery.start(self.broker.run)
+            nursery.start_soon(self._dependency_loop)
+            task_status.started()
+
