@@ -21,6 +21,7 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mcp-host", metavar="H")
     p.add_argument("--mcp-port", metavar="P", type=int)
     p.add_argument("--mcp-transport", choices=["http", "stdio"])
+    p.add_argument("--mcp-response", choices=["json", "sse"], help="sse: stream progress notifications")
     p.add_argument("--allowed-hosts", metavar="HOST", nargs="+", help="extra Host headers the MCP endpoint accepts")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--capabilities", metavar="NAME", nargs="+")
@@ -37,7 +38,7 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
 
 
 _NODE_KEYS = (
-    "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport",
+    "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport", "mcp_response",
     "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
     "max_queued_tasks", "quotas", "handlers",
 )
@@ -92,6 +93,12 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return harness_cli.run(args)
 
 
+def _cmd_task(args: argparse.Namespace) -> int:
+    from mcpp import task_cli
+
+    return task_cli.run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mcpp import demo
 
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     dn = csub.add_parser("down", help="stop the mesh started in --dir")
     dn.add_argument("--dir", default=".cluster")
     p.set_defaults(fn=_cmd_cluster)
+
+    p = sub.add_parser("task", help="submit / inspect tasks through a node's MCP endpoint")
+    from mcpp.task_cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_task)
 
     p = sub.add_parser("demo", help="start a 5-node mesh, show discovery and some MCP tool calls, stop")
     p.add_argument("--nodes", type=int, default=5)

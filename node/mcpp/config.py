@@ -47,6 +47,7 @@ class NodeConfig:
     mcp_transport: Literal["http", "stdio"] = "http"
     mcp_host: str = "127.0.0.1"
     mcp_port: int = DEFAULT_MCP_PORT
+    mcp_response: Literal["json", "sse"] = "json"  # sse streams progress notifications of waiting tools
     allowed_hosts: tuple[str, ...] = ()  # extra Host headers accepted by the MCP endpoint
     capabilities: tuple[str, ...] = ()
     log_level: str = "info"
@@ -84,6 +85,7 @@ SETTINGS: dict[str, str] = {
     "mcp_transport": "choice:http|stdio",
     "mcp_host": "str",
     "mcp_port": "port",
+    "mcp_response": "choice:json|sse",
     "allowed_hosts": "list",
     "capabilities": "list",
     "log_level": "choice:debug|info|warning|error",

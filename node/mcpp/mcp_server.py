@@ -325,8 +325,9 @@ def _security(node: Node) -> TransportSecuritySettings:
 async def serve_http(
     node: Node, server: MCPServer, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve streamable HTTP (JSON responses) at /mcp until cancelled; reports the base URL."""
-    app = server.streamable_http_app(json_response=True, transport_security=_security(node), host=node.config.mcp_host)
+    """Serve streamable HTTP at /mcp (JSON responses, or SSE with mcp_response=sse) until cancelled;
+    reports the URL."""
+    app = server.streamable_http_app(json_response=node.config.mcp_response == "json", transport_security=_security(node), host=node.config.mcp_host)
     cfg = HyperConfig()
     cfg.bind = [f"{node.config.mcp_host}:{node.config.mcp_port}"]
     cfg.accesslog = None
