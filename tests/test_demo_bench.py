@@ -20,6 +20,10 @@ def test_demo_runs_a_mesh_calls_tools_and_stops_cleanly(tmp_path: Path) -> None:
         assert tool in out
     assert "exit codes: {'node-0': 0, 'node-1': 0, 'node-2': 0, 'node-3': 0, 'node-4': 0}" in out
     assert "demo finished: clean stop" in out
+    for tool in ("task_submit", "task_result", "task_list", "queue_stats", "worker_register"):
+        assert tool in out
+    assert "status=dead_lettered after 2 attempts" in out
+    assert "sha256" in out and "completed" in out
 
 
 def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
@@ -35,3 +39,12 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert 0 < floor["p50_ms"] < rpc["p50_ms"] <= rpc["p99_ms"]
     assert (out / "results.md").read_text().startswith("# mcpp benchmark")
     assert (out / "rpc_latency_cdf.png").stat().st_size > 1000 and (out / "formation_vs_n.png").stat().st_size > 1000
+    q = data["queue"]
+    assert "error" not in q, q
+    assert 0 < q["api_task_rtt"]["p50_ms"] <= q["api_task_rtt"]["p99_ms"]
+    assert 0 < q["p2p_tool_call"]["p50_ms"] and 0 < q["mcp_task_rtt"]["p50_ms"]
+    assert [t["worker_nodes"] for t in q["throughput"]] == [1, 2, 3]
+    assert all(t["tasks_per_s"] > 0 and sum(t["per_worker"]) == t["tasks"] for t in q["throughput"])
+    assert len(q["throughput"][2]["per_worker"]) == 3, "3 worker nodes all took tasks"
+    assert q["queued_rss"]["queued"] == 10_000
+    assert (out / "throughput_vs_workers.png").stat().st_size > 1000

@@ -1,4 +1,5 @@
-"""`mcpp bench`: start-up, idle RSS, mesh formation and RPC latency, measured on real processes.
+"""`mcpp bench`: start-up, idle RSS, mesh formation, RPC latency and the task queue's figures,
+measured on real processes.
 
 Writes OUT/results.json, OUT/results.md and OUT/*.png. Every figure comes from this run.
 """
@@ -268,7 +269,8 @@ def measure_tcp_floor(calls: int) -> dict[str, Any]:
         proc.wait(10)
 
 
-def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]) -> list[str]:
+def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]],
+           task_samples: dict[str, list[float]]) -> list[str]:
     try:
         import matplotlib
 
@@ -301,7 +303,27 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
         ax.plot(ns, [f["formed_in_s"] for f in form], "o-", label="cluster up + formed (incl. process start)")
         ax.plot(ns, [f["formation_after_up_s"] for f in form], "s-", label="formation after all nodes answer")
 
-    return [
+    def task_cdf(ax: Any) -> None:
+        for label, ms in task_samples.items():
+            xs = sorted(ms)
+            ax.plot(xs, [i / len(xs) for i in range(len(xs))], label=label)
+        ax.set_xscale("log")
+
+    tput = [t for t in results.get("queue", {}).get("throughput", [])]
+
+    def throughput(ax: Any) -> None:
+        ax.plot([t["worker_nodes"] for t in tput], [t["tasks_per_s"] for t in tput], "o-", label="mcpp no-op (echo)")
+        ax.set_ylim(bottom=0)
+        ax.set_xticks([t["worker_nodes"] for t in tput])
+
+    extra = []
+    if task_samples:
+        extra.append(figure("task_latency_cdf.png", "Cross-peer task round trip (submit on A, run on B, result on A)",
+                            "round trip (ms, log)", "fraction of tasks", task_cdf))
+    if tput:
+        extra.append(figure("throughput_vs_workers.png", "No-op task throughput (2 cores for everything)",
+                            "worker nodes", "tasks / s", throughput))
+    return extra + [
         figure("rpc_latency_cdf.png", "Small request round trip between two local processes",
                "round trip (ms, log)", "fraction of calls", cdf),
         figure("formation_vs_n.png", "Mesh formation through the DHT (2 cores)", "nodes", "seconds", formation),
@@ -333,6 +355,23 @@ def _markdown(results: dict[str, Any], command: str) -> str:
     for name, v in r["rpc"].items():
         extra = f", {v['calls_per_s_32_in_flight']} calls/s with 32 in flight" if "calls_per_s_32_in_flight" in v else ""
         lines.append(f"| {name}: p50 / p99 | {v['p50_ms']} / {v['p99_ms']} ms{extra} | p50 < 1 ms |")
+    q = r.get("queue")
+    if q and "error" not in q:
+        lines += [
+            f"| task round trip, in-process API (submit on A + result(wait) on A, run on B): p50 / p99 | "
+            f"{q['api_task_rtt']['p50_ms']} / {q['api_task_rtt']['p99_ms']} ms | p50 < 2, p99 < 10 ms |",
+            f"| task round trip through MCP (two tool calls): p50 / p99 | "
+            f"{q['mcp_task_rtt']['p50_ms']} / {q['mcp_task_rtt']['p99_ms']} ms | p50 < 5 ms |",
+            f"| P2P tool call (task_status on C, owner A): p50 / p99 | "
+            f"{q['p2p_tool_call']['p50_ms']} / {q['p2p_tool_call']['p99_ms']} ms | p50 < 3, p99 < 15 ms |",
+        ]
+        for t in q["throughput"]:
+            lines.append(f"| no-op (echo) throughput, {t['worker_nodes']} worker node(s), {t['tasks']} tasks | "
+                         f"{t['tasks_per_s']} tasks/s (per worker {t['per_worker']}) | >= 2,000 tasks/s |")
+        g = q["queued_rss"]
+        lines.append(f"| RSS growth with {g['queued']:,} queued tasks | {g['rss_growth_mb']} MB | < 20 MB |")
+    elif q:
+        lines.append(f"| queue figures | failed: {q['error']} | |")
     lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
     return "\n".join(lines) + "\n"
 
@@ -384,7 +423,17 @@ def run(args: argparse.Namespace) -> int:
             samples[label] = v.pop("samples_ns")
             results["rpc"][label] = v
             console.print(f"{label}: {v}")
-        results["plots"] = _plots(out, results, samples)
+        from mcpp.bench_queue import measure_queue
+
+        task_samples: dict[str, list[float]] = {}
+        with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
+            results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
+        for key, label in (("api_task_rtt", "in-process API"), ("mcp_task_rtt", "through MCP (2 tool calls)"),
+                           ("p2p_tool_call", "task_status on C, owner A (MCP + 1 hop)")):
+            if key in results["queue"]:
+                task_samples[label] = results["queue"][key].pop("samples_ms")
+        console.print(f"queue: {results['queue']}")
+        results["plots"] = _plots(out, results, samples, task_samples)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         md = _markdown(results, command)
         (out / "results.md").write_text(md)

@@ -31,6 +31,50 @@ def _call(node: Any, tool: str, args: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def _queue_demo(cluster: ProcessCluster, names: dict[str, str]) -> None:
+    boot, w1, w2 = cluster.nodes[0], cluster.nodes[1], cluster.nodes[-1]
+    console.rule("6. tasks: submitted on the bootstrap (which serves no sha256), run on the workers")
+    _call(boot, "worker_register", {"capabilities": ["echo", "sleep"], "max_concurrent": 4})
+    time.sleep(0.5)  # the change reaches every peer
+    ids = trio.run(_submit_many, boot.mcp_url, 12)
+    console.print(f"  12 sha256 tasks (20,000 rounds each) accepted by {boot.name}, which owns them (SQLite, WAL)")
+    res = _call(w2, "task_result", {"task_id": ids[0], "wait": True, "include_history": True})
+    console.print(f"  result read on {w2.name}: digest {str(res['result']['digest'])[:16]}... "
+                  f"ran on {names.get(res['worker'], res['worker'])} in {res['duration_ms']} ms")
+    rows = _call(w1, "task_list", {"task_type": "sha256", "limit": 100})
+    t = Table("task", "status", "owner", "worker", "attempts")
+    for r in rows["tasks"]:
+        t.add_row(r["task_id"][:16], r["status"], names.get(r["owner"], "?"), names.get(r["worker"] or "", "-"),
+                  str(r["attempts"]))
+    console.print(t)
+    console.rule("7. a task that always fails: retried with backoff, then dead-lettered")
+    s = _call(w1, "task_submit", {"task_type": "fail", "retry_policy": {"max_attempts": 2, "backoff_s": 0.2}})
+    res = _call(boot, "task_result", {"task_id": s["task_id"], "wait": True, "include_history": True})
+    console.print(f"  status={res['status']} after {res['attempts']} attempts: {res['error']}")
+    stats = _call(w2, "queue_stats", {"include_worker_stats": True})
+    console.print({k: stats[k] for k in ("completed_count", "dead_lettered_count", "retries", "mean_run_s")})
+    t = Table("worker", "task types", "completed", "failed", "load", "rss MB")
+    for w in stats["workers"]:
+        t.add_row(names.get(w["peer_id"], "?"), ",".join(w["capabilities"]), str(w["completed"]), str(w["failed"]),
+                  str(w["load"]), str(w["rss_mb"]))
+    console.print(t)
+
+
+async def _submit_many(url: str, n: int) -> list[str]:
+    from mcp import Client
+
+    from mcpp.mcp_client import structured
+
+    ids = []
+    async with Client(url) as c:
+        for i in range(n):
+            r = await c.call_tool("task_submit", {"task_type": "sha256", "payload": {"data": f"demo-{i}", "rounds": 20000}})
+            ids.append(structured(r)["task_id"])
+        for tid in ids:
+            structured(await c.call_tool("task_result", {"task_id": tid, "wait": True}))
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     d = Path(args.dir)
     shutil.rmtree(d, ignore_errors=True)
@@ -83,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         res = _call(w2, "bootstrap_network", {"min_connections": 1})
         console.print(f"  satisfied={res['satisfied']} routing table={res['routing_table_size']} "
                       f"peers connected={res['peers_connected']}")
+
+        _queue_demo(cluster, names)
     finally:
         console.rule("stopping every node (SIGTERM)")
         cluster.stop()

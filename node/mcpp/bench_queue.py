@@ -1,0 +1,173 @@
+"""Queue figures for `mcpp bench`: cross-peer task round trip (in-process API and MCP), a P2P
+tool call, no-op throughput with 1-3 worker nodes, and RSS growth with 10,000 queued tasks.
+
+Set-up: a 3-node mesh of processes (the harness) plus, for the in-process API figures, one
+more node inside the benchmark process that owns the tasks and serves no task type itself, so
+every task it submits runs on another node.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+from mcp import Client
+
+from mcpp.config import NodeConfig
+from mcpp.harness import ProcessCluster
+from mcpp.mcp_client import structured
+from mcpp.node import Node, open_node
+from mcpp.peers import percentile
+
+__all__ = ["measure_queue"]
+
+ALL_TYPES = ["echo", "sleep", "sha256", "fail"]
+
+
+def _lat(ms: list[float]) -> dict[str, Any]:
+    return {"p50_ms": round(statistics.median(ms), 3), "p99_ms": round(percentile(ms, 99) or 0.0, 3),
+            "mean_ms": round(statistics.mean(ms), 3), "samples": len(ms)}
+
+
+async def _register(c: ProcessCluster, serving: int, max_concurrent: int) -> None:
+    """Nodes 0..serving-1 serve echo; the others only sleep."""
+    for i, n in enumerate(c.nodes):
+        caps = ALL_TYPES if i < serving else ["sleep"]
+        async with Client(n.mcp_url) as s:
+            structured(await s.call_tool("worker_register", {"capabilities": caps, "max_concurrent": max_concurrent}))
+
+
+async def _wait_views(node: Node, serving: int) -> None:
+    assert node.queue is not None
+    q = node.queue
+    with trio.fail_after(20):
+        while sum(1 for w in q._worker_views() if "echo" in w.task_types) != serving:
+            await trio.sleep(0.02)
+
+
+async def _round_trips(node: Node, n: int) -> list[float]:
+    q = node.queue
+    assert q is not None
+    out = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        s = await q.submit("echo", {"i": i}, None, 1.0, [], [], 300, None, {}, 0)
+        r = await q.result(s["task_id"], True, 30, False, False)
+        if i >= 50:
+            out.append((time.perf_counter() - t0) * 1000)
+        assert r["status"] == "completed" and r["worker"] != node.peer_id
+    return out
+
+
+async def _throughput(node: Node, n: int) -> dict[str, Any]:
+    q = node.queue
+    assert q is not None
+    ids: list[str] = []
+    t0 = time.perf_counter()
+
+    async def submitter(k: int) -> None:
+        for i in range(k):
+            s = await q.submit("echo", {"i": i}, None, 1.0, [], [], 300, None, {}, 0)
+            ids.append(s["task_id"])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(submitter, n // 8)
+    t_submitted = time.perf_counter()
+    for tid in ids:
+        await q.broker.wait_final(tid)
+    t1 = time.perf_counter()
+    workers: dict[str, int] = {}
+    for tid in ids:
+        rec = q.store.get(tid)
+        assert rec is not None and rec.status == "completed"
+        workers[str(rec.worker)] = workers.get(str(rec.worker), 0) + 1
+    return {"tasks": len(ids), "tasks_per_s": round(len(ids) / (t1 - t0)), "submit_s": round(t_submitted - t0, 3),
+            "total_s": round(t1 - t0, 3), "per_worker": sorted(workers.values(), reverse=True)}
+
+
+async def _queued_rss(node: Node, n: int) -> dict[str, Any]:
+    q = node.queue
+    assert q is not None
+    proc = psutil.Process()
+    q.pause(None, "rss benchmark")
+    gc.collect()
+    before = proc.memory_info().rss / 2**20
+    for i in range(n):
+        await q.submit("echo", {"i": i, "pad": "x" * 64}, None, 1.0, [], [], 300, None, {}, 0)
+    gc.collect()
+    after = proc.memory_info().rss / 2**20
+    q.clear(True, "queued", None, None)
+    q.resume(None, False)
+    return {"queued": n, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+            "rss_growth_mb": round(after - before, 1)}
+
+
+async def _mcp_figures(c: ProcessCluster, n: int) -> dict[str, Any]:
+    a, cnode = c.nodes[0], c.nodes[2]
+    rtt, hop = [], []
+    async with Client(a.mcp_url) as sa, Client(cnode.mcp_url) as sc:
+        task_id = ""
+        for i in range(n + 30):
+            t0 = time.perf_counter()
+            s = structured(await sa.call_tool("task_submit", {"task_type": "echo", "payload": {"i": i}}))
+            r = structured(await sa.call_tool("task_result", {"task_id": s["task_id"], "wait": True}))
+            if i >= 30:
+                rtt.append((time.perf_counter() - t0) * 1000)
+            assert r["status"] == "completed" and r["worker"] != a.peer_id
+            task_id = s["task_id"]
+        for i in range(n + 30):
+            t0 = time.perf_counter()
+            st = structured(await sc.call_tool("task_status", {"task_id": task_id}))
+            if i >= 30:
+                hop.append((time.perf_counter() - t0) * 1000)
+            assert st["owner"] == a.peer_id
+    return {"mcp_task_rtt": {**_lat(rtt), "samples_ms": rtt}, "p2p_tool_call": {**_lat(hop), "samples_ms": hop}}
+
+
+async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, Any]:
+    boot = c.nodes[0]
+    cfg = NodeConfig(role="worker", bootstrap=(f"{boot.multiaddrs[0]}",) if "/p2p/" in boot.multiaddrs[0]
+                     else (f"{boot.multiaddrs[0]}/p2p/{boot.peer_id}",),
+                     data_dir=str(tmp / "bench-owner"), capabilities=("bench-owner",), log_level="warning")
+    out: dict[str, Any] = {}
+    async with open_node(cfg) as node:
+        with trio.fail_after(30):
+            while len(node.table.connected()) < len(c.nodes):
+                await trio.sleep(0.05)
+        await _register(c, 3, 4)
+        await _wait_views(node, 3)
+        rt = await _round_trips(node, 300 if quick else 1000)
+        out["api_task_rtt"] = {**_lat(rt), "samples_ms": rt}
+        out["throughput"] = []
+        for serving in (1, 2, 3):
+            await _register(c, serving, 64)
+            await _wait_views(node, serving)
+            await trio.sleep(0.5)
+            t = await _throughput(node, 2000 if quick else 6000)
+            out["throughput"].append({"worker_nodes": serving, "max_concurrent": 64, **t})
+        out["queued_rss"] = await _queued_rss(node, 10_000)
+        await _register(c, 3, 4)
+    return out
+
+
+def measure_queue(tmp: Path, quick: bool) -> dict[str, Any]:
+    with ProcessCluster(3, tmp / "queue3", formation_timeout_s=60, node_args=["--log-level", "warning"]) as c:
+        out = trio.run(_in_process, c, tmp, quick)
+        trio.run(_register_mcp_layout, c)
+        out |= trio.run(_mcp_figures, c, 300 if quick else 1000)
+    return out
+
+
+async def _register_mcp_layout(c: ProcessCluster) -> None:
+    """node-0 (where the MCP client submits) serves no echo: every task crosses to node-1 or node-2."""
+    for i, n in enumerate(c.nodes):
+        caps = ["sleep"] if i == 0 else ALL_TYPES
+        async with Client(n.mcp_url) as s:
+            structured(await s.call_tool("worker_register", {"capabilities": caps, "max_concurrent": 4}))
+    await trio.sleep(1.0)
