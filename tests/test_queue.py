@@ -21,14 +21,23 @@ from mcpp.harness import ProcessCluster
 from mcpp.mcp_client import ToolCallError, structured
 
 TESTS = Path(__file__).parent
-ALL = ["echo", "sleep", "sha256", "fail", "upper"]
+ALL = ["echo", "sleep", "sha256", "fail", "reverse", "upper"]
+
+
+def _plugin_dist(d: Path) -> Path:
+    """A tiny installed distribution whose entry point (group mcpp.handlers) names a handler."""
+    info = d / "mcpp_test_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mcpp-test-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mcpp.handlers]\nreverse = taskplugins:reverse\n")
+    return d
 
 
 @pytest.fixture(scope="module")
 def qc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     d = tmp_path_factory.mktemp("queue4")
     args = ["--lease-s", "1.5", "--quota", "batch=3/1", "--handler", "upper=taskplugins:upper"]
-    env = {"PYTHONPATH": str(TESTS)}
+    env = {"PYTHONPATH": f"{TESTS}:{_plugin_dist(d / 'site')}"}
     with ProcessCluster(4, d, node_args=args, env=env, formation_timeout_s=60) as c:
         yield c
 
@@ -311,11 +320,33 @@ def test_dependencies_across_owners(qc: ProcessCluster) -> None:
     assert r["status"] == "failed" and bad["task_id"] in r["error"]
 
 
-def test_custom_handler_runs_in_a_thread(qc: ProcessCluster) -> None:
+def test_custom_handlers_flag_and_entry_point(qc: ProcessCluster) -> None:
     register(qc, {})
-    s = call(qc.nodes[1].mcp_url, "task_submit", {"task_type": "upper", "payload": {"s": "mesh"}})
-    r = wait_final(qc.nodes[1].mcp_url, [s["task_id"]])[0]
-    assert r["result"] == {"upper": "MESH", "thread": True}
+    url = qc.nodes[1].mcp_url
+    s = call(url, "task_submit", {"task_type": "upper", "payload": {"s": "mesh"}})
+    r = wait_final(url, [s["task_id"]])[0]
+    assert r["result"] == {"upper": "MESH", "thread": True}, "a sync --handler runs in a worker thread"
+    s = call(url, "task_submit", {"task_type": "reverse", "payload": "abc"})
+    r = call(url, "task_result", {"task_id": s["task_id"], "wait": True, "include_logs": True})
+    assert r["result"] == "cba" and r["logs"] == ["reversing"]
+
+
+def test_resources_limit_what_a_worker_runs_at_once(qc: ProcessCluster) -> None:
+    register(qc, {0: ["echo"], 1: ["echo"], 2: ["echo"], 3: ["echo"]})
+    call(qc.nodes[2].mcp_url, "worker_register", {"capabilities": ["sleep"], "max_concurrent": 8,
+                                                  "resources": {"cpu": 2}})
+    time.sleep(0.5)
+    url = qc.nodes[0].mcp_url
+    subs = many(url, [("task_submit", {"task_type": "sleep", "payload": {"seconds": 0.3},
+                                       "metadata": {"resources": {"cpu": 1}}}) for _ in range(4)])
+    too_big = call(url, "task_submit", {"task_type": "sleep", "payload": {"seconds": 0},
+                                        "metadata": {"resources": {"cpu": 4}}})
+    results = wait_final(url, [s["task_id"] for s in subs], 20)
+    spans = [(r["history"][-1]["started_at"], r["history"][-1]["finished_at"]) for r in results]
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert most == 2, f"cpu=2 and tasks of cpu=1: two at a time, saw {most}"
+    assert call(url, "task_status", {"task_id": too_big["task_id"]})["status"] == "queued", "fits no worker"
+    call(url, "task_cancel", {"task_id": too_big["task_id"]})
 
 
 def test_bad_input_names_the_argument_and_loses_nothing(qc: ProcessCluster) -> None:
