@@ -39,6 +39,7 @@ SCOPES = ("mesh", "local")
 STORE_FILE = "queue.sqlite3"
 MESH_CALL_S = 5.0
 LOCATE_CACHE = 10_000
+CHECKPOINT_S = 1.0
 RpcHandler = Callable[[str, Any], Awaitable[Any]]
 
 
@@ -533,8 +534,18 @@ class QueueService:
                     if s in ("completed", "failed", "cancelled", "dead_lettered"):
                         self.broker.dependency_final(d, s)
 
+    async def _checkpoint_loop(self) -> None:
+        """WAL checkpoints in a worker thread, so that their fsync never stalls the loop."""
+        while True:
+            await trio.sleep(CHECKPOINT_S)
+            try:
+                await trio.to_thread.run_sync(self.store.checkpoint)
+            except Exception as e:  # a busy database: the next round catches up
+                log.warning("wal checkpoint failed", extra=kv(error=str(e)))
+
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checkpoint_loop)
             await nursery.start(self.worker.run)
             await nursery.start(self.broker.run)
             nursery.start_soon(self._dependency_loop)
