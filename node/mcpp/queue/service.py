@@ -40,6 +40,7 @@ STORE_FILE = "queue.sqlite3"
 MESH_CALL_S = 5.0
 LOCATE_CACHE = 10_000
 CHECKPOINT_S = 1.0
+WAIT_SLICE_S = 2.0
 RpcHandler = Callable[[str, Any], Awaitable[Any]]
 
 
@@ -313,7 +314,16 @@ class QueueService:
         owner = await self.locate(tid)
         params = {"task_id": tid, "wait": wait, "timeout_s": timeout_s, "include_logs": include_logs,
                   "include_history": include_history}
-        return dict(await self._owner_call(owner, "q.result", params, float(timeout_s) + 10))
+        if owner == self.me or not wait:
+            return dict(await self._owner_call(owner, "q.result", params, float(timeout_s) + 10))
+        # a long wait at a remote owner is cut into slices, so that it never holds one of the
+        # owner's per-stream request slots for long
+        deadline = trio.current_time() + float(timeout_s)
+        while True:
+            slice_s = max(0.0, min(WAIT_SLICE_S, deadline - trio.current_time()))
+            out = dict(await self._owner_call(owner, "q.result", {**params, "timeout_s": slice_s}, slice_s + 10))
+            if not out["timed_out"] or trio.current_time() >= deadline:
+                return out
 
     async def cancel(self, task_id: Any, reason: Any, force: bool) -> dict[str, Any]:
         tid = check_task_id(task_id)
