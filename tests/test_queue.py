@@ -63,14 +63,15 @@ def many(url: str, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
     return trio.run(go)
 
 
-def register(c: ProcessCluster, caps: dict[int, list[str]], max_concurrent: int = 4) -> None:
-    """Configure each node's worker; nodes not named serve every type."""
+def register(c: ProcessCluster, caps: dict[int, list[str]], max_concurrent: int = 4,
+             all_types: list[str] = ALL) -> None:
+    """Configure each node's worker; nodes not named serve every type (all_types)."""
     for i, n in enumerate(c.nodes):
-        call(n.mcp_url, "worker_register", {"capabilities": caps.get(i, ALL), "max_concurrent": max_concurrent})
+        call(n.mcp_url, "worker_register", {"capabilities": caps.get(i, all_types), "max_concurrent": max_concurrent})
     # every node must have heard of the change before the test dispatches
     def seen() -> bool:
         ws = call(c.nodes[0].mcp_url, "worker_status", {})["workers"]
-        return all(w["capabilities"] == caps.get(i, ALL) for i, w in
+        return all(w["capabilities"] == caps.get(i, all_types) for i, w in
                    enumerate(sorted(ws, key=lambda w: [n.peer_id for n in c.nodes].index(w["peer_id"]))))
     wait_until(seen, 10)
     time.sleep(0.3)

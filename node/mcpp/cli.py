@@ -99,6 +99,12 @@ def _cmd_task(args: argparse.Namespace) -> int:
     return task_cli.run(args)
 
 
+def _cmd_workflow(args: argparse.Namespace) -> int:
+    from mcpp import workflow_cli
+
+    return workflow_cli.run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mcpp import demo
 
@@ -153,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_task)
+
+    p = sub.add_parser("workflow", help="run a YAML workflow template; workflow status / result / graph")
+    from mcpp.workflow_cli import add_arguments as add_workflow_arguments
+
+    add_workflow_arguments(p)
+    p.set_defaults(fn=_cmd_workflow)
 
     p = sub.add_parser("demo", help="start a 5-node mesh, show discovery and some MCP tool calls, stop")
     p.add_argument("--nodes", type=int, default=5)

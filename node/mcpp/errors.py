@@ -16,6 +16,8 @@ MCPPError
 │   ├── TaskNotFound(task_id)          no node of the mesh owns that task id (an ArgumentError too)
 │   ├── QuotaExceeded(quota)           a submit over a configured limit; the message names it
 │   └── OwnerError(owner, code)        the task's owner answered a forwarded call with an error
+├── WorkflowError                      a workflow was refused or failed
+│   └── CycleError(steps)              the steps' dependencies form a cycle (listed in order)
 └── HarnessError
     └── NodeStartError(node, logs)     a node of a cluster did not become ready
 """
@@ -41,6 +43,8 @@ __all__ = [
     "TaskNotFound",
     "QuotaExceeded",
     "OwnerError",
+    "WorkflowError",
+    "CycleError",
 ]
 
 
@@ -141,6 +145,16 @@ class OwnerError(QueueError):
         self.owner = owner
         self.code = code
         super().__init__(message)
+
+
+class WorkflowError(MCPPError):
+    pass
+
+
+class CycleError(WorkflowError, ArgumentError):
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+        ArgumentError.__init__(self, "steps", f"the dependencies form a cycle: {' -> '.join(steps)}")
 
 
 class HarnessError(MCPPError):

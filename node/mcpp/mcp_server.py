@@ -33,8 +33,10 @@ from mcpp.log import kv
 from mcpp.metrics import CONTENT_TYPE
 from mcpp.node import PEER_STATUSES, SORT_KEYS, Node
 from mcpp.queue.model import STATUSES
+from mcpp.workflow.engine import WF_STATUSES
+from mcpp.workflow.model import FAILURE_POLICIES, GRAPH_FORMATS
 
-__all__ = ["build_server", "serve_http", "serve_stdio", "PEER_TOOLS", "QUEUE_TOOLS"]
+__all__ = ["build_server", "serve_http", "serve_stdio", "PEER_TOOLS", "QUEUE_TOOLS", "WORKFLOW_TOOLS"]
 
 log = logging.getLogger("mcpp.mcp")
 PEER_TOOLS = ("peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network")
@@ -43,6 +45,8 @@ QUEUE_TOOLS = (
     "queue_stats", "queue_pause", "queue_resume", "queue_clear", "worker_register", "worker_unregister",
     "worker_status",
 )
+WORKFLOW_TOOLS = ("workflow_submit", "workflow_status", "workflow_cancel", "workflow_list", "workflow_dependencies",
+                  "workflow_result")
 PROGRESS_EVERY_S = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, Any]]])
@@ -138,6 +142,7 @@ def build_server(node: Node) -> MCPServer:
     for fn in (peer_discover, peer_connect, peer_disconnect, peer_list, peer_metrics, bootstrap_network):
         server.add_tool(_instrument(node, fn), structured_output=True)
     _add_queue_tools(node, server)
+    _add_workflow_tools(node, server)
 
     # the SDK's custom_route decorator is untyped
     @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
@@ -310,6 +315,76 @@ def _add_queue_tools(node: Node, server: MCPServer) -> None:
     for fn in (task_submit, task_status, task_result, task_cancel, task_list, task_priority, task_retry,
                queue_stats, queue_pause, queue_resume, queue_clear, worker_register, worker_unregister,
                worker_status):
+        server.add_tool(_instrument(node, fn), structured_output=True)
+
+
+def _add_workflow_tools(node: Node, server: MCPServer) -> None:
+    wf = node.workflows
+    assert wf is not None, "open_node attaches the workflow engine"
+
+    async def workflow_submit(
+        name: str,
+        steps: list[dict[str, Any]] | None = None,
+        workflow_id: str | None = None,
+        template: str | None = None,
+        params: dict[str, Any] = {},  # noqa: B006 (never mutated)
+        failure_policy: Annotated[str, _enum(FAILURE_POLICIES, "fail_fast | continue")] = "fail_fast",
+        priority: float = 1.0,
+        tags: list[str] = [],  # noqa: B006
+        metadata: dict[str, Any] = {},  # noqa: B006
+    ) -> dict[str, Any]:
+        """Run a DAG of tasks across the mesh; this node coordinates it. Give exactly one of steps
+        ([{id, task_type, payload, depends_on, priority?, timeout_s?, retry_policy?, tags?}], also
+        spelled {step_id, action, ...}) or template (YAML text with params and ${params.x}
+        placeholders, or a shipped template: diamond, map-reduce). A payload value
+        {"$ref": "steps.<id>.result.<path>"} takes part of a dependency's result. Validated before
+        anything runs (unknown dependency, duplicate id, cycle, bad $ref, unknown task type).
+        workflow_id (optional) is an idempotency key."""
+        return await wf.submit(name, steps, workflow_id, template, params, failure_policy, priority, tags, metadata)
+
+    async def workflow_status(workflow_id: str, include_steps: bool = True, include_metrics: bool = False) -> dict[str, Any]:
+        """Status (running | completed | failed | cancelled), progress counts and percent, the steps
+        now queued or running, and each step's status, task, worker and times (+ wait/run times)."""
+        return await wf.status(workflow_id, include_steps, include_metrics)
+
+    async def workflow_cancel(workflow_id: str, reason: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Cancel pending and running steps (running ones get a short grace period, or stop at once
+        with force). Returns cancelled_steps."""
+        return await wf.cancel(workflow_id, reason, force)
+
+    async def workflow_list(
+        status: Annotated[str | None, _enum(WF_STATUSES, "filter by status")] = None,
+        peer: str | None = None,
+        tag: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """Workflows across the mesh (or those coordinated by one peer), newest first; limit 1-1000."""
+        return await wf.list_workflows(status, peer, tag, limit, offset)
+
+    async def workflow_dependencies(
+        workflow_id: str | None = None,
+        steps: list[dict[str, Any]] | None = None,
+        format: Annotated[str, _enum(GRAPH_FORMATS, "json | dot | mermaid")] = "json",
+    ) -> dict[str, Any]:
+        """The dependency graph of a submitted workflow, or of a step list without running it, as
+        json, dot or mermaid; plus levels and the critical path (weighted by measured step
+        durations once every step ran, by step count before) and its length."""
+        return await wf.dependencies(workflow_id, steps, format)
+
+    async def workflow_result(
+        workflow_id: str,
+        wait: bool = False,
+        timeout_s: float = 60,
+        include_steps: bool = True,
+        include_logs: bool = False,
+    ) -> dict[str, Any]:
+        """Results by step id, errors by step id and the duration; wait=True blocks until the
+        workflow is final (at most timeout_s)."""
+        return await wf.result(workflow_id, wait, timeout_s, include_steps, include_logs)
+
+    for fn in (workflow_submit, workflow_status, workflow_cancel, workflow_list, workflow_dependencies,
+               workflow_result):
         server.add_tool(_instrument(node, fn), structured_output=True)
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's 
     from trio_typing import TaskStatus
 
     from mcpp.queue.service import QueueService
+    from mcpp.workflow.engine import WorkflowEngine
 
 from mcpp import identity
 from mcpp.config import NodeConfig
@@ -108,6 +109,7 @@ class Node:
         self.capability_sources: list[Callable[[], Iterable[str]]] = []
         self.peer_joined_hooks: list[Callable[[str], None]] = []
         self.queue: QueueService | None = None
+        self.workflows: WorkflowEngine | None = None
         self.joined = trio.Event()
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
@@ -884,12 +886,15 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             async with open_dht(host) as dht:
                 node = Node(config, host, dht, metrics)
                 from mcpp.queue.service import QueueService  # the queue is built on the node
+                from mcpp.workflow.engine import WorkflowEngine  # and workflows on the queue
 
                 queue = node.queue = QueueService(node, config)
                 try:
+                    engine = node.workflows = WorkflowEngine(queue)
                     async with trio.open_nursery() as nursery:
                         await nursery.start(node.run)
                         await nursery.start(queue.run)
+                        await nursery.start(engine.run)
                         log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
                         try:
                             yield node

@@ -89,6 +89,11 @@ class QueueService:
     def close(self) -> None:
         self.store.close()
 
+    def serve(self, method: str, handler: RpcHandler) -> None:
+        """Serve an RPC method (also when this node calls itself through `_call`)."""
+        self._local[method] = handler
+        self.node.rpc.register(method, handler)
+
     # ---- plumbing ----------------------------------------------------------------------
     def _initial_worker_settings(self) -> WorkerSettings:
         saved = self.store.get_meta("worker")

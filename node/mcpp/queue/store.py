@@ -147,6 +147,11 @@ class TaskStore:
         finally:
             db.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The one connection (the workflow store shares the file and the connection)."""
+        return self._db
+
     def journal_mode(self) -> str:
         return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
 
