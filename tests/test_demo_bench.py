@@ -48,3 +48,10 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert len(q["throughput"][2]["per_worker"]) == 3, "3 worker nodes all took tasks"
     assert q["queued_rss"]["queued"] == 10_000
     assert (out / "throughput_vs_workers.png").stat().st_size > 1000
+    assert q["step_overhead"]["chain_steps"] == 20 and q["step_overhead"]["chain_ms_median"] > 0
+    assert q["diamonds"]["workflows"] == 200 and q["diamonds"]["workflows_per_s"] > 0
+    assert q["diamonds_in_process"]["workflows"] == 200
+    dask = data["dask_diamonds"]
+    assert "error" not in dask, dask
+    assert dask["workflows"] == 200 and dask["workflows_per_s"] > 0
+    assert "x Dask" in (out / "results.md").read_text()

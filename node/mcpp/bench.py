@@ -370,6 +370,22 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{t['tasks_per_s']} tasks/s (per worker {t['per_worker']}) | >= 2,000 tasks/s |")
         g = q["queued_rss"]
         lines.append(f"| RSS growth with {g['queued']:,} queued tasks | {g['rss_growth_mb']} MB | < 20 MB |")
+        so = q["step_overhead"]
+        lines.append(f"| workflow orchestration overhead per step ({so['chain_steps']}-step echo chain minus "
+                     f"{so['chain_steps']} single round trips, median of {so['runs']}) | {so['overhead_ms_per_step']} ms "
+                     f"({so['chain_ms_median']} vs {so['single_tasks_ms_median']} ms) | < 2 ms |")
+        dd = r.get("dask_diamonds", {})
+        for key, how in (("diamonds_in_process", "coordinated in the benchmark process, like Dask's scheduler"),
+                         ("diamonds", "submitted through MCP to the 3 nodes")):
+            dm = q[key]
+            ratio = (f", {dm['workflows_per_s'] / dd['workflows_per_s']:.2f}x Dask" if dd.get("workflows_per_s") else "")
+            lines.append(f"| 200 concurrent diamond workflows (4 no-op steps), 3 worker nodes, {how} | "
+                         f"{dm['workflows_per_s']} workflows/s{ratio} | 2-3x peers |")
+        if "error" in dd:
+            lines.append(f"| the same on Dask distributed | failed: {dd['error']} | |")
+        elif dd:
+            lines.append(f"| the same on Dask distributed (LocalCluster, 3 worker processes) | "
+                         f"{dd['workflows_per_s']} workflows/s | |")
     elif q:
         lines.append(f"| queue figures | failed: {q['error']} | |")
     lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
@@ -428,6 +444,11 @@ def run(args: argparse.Namespace) -> int:
         task_samples: dict[str, list[float]] = {}
         with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
             results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
+        from mcpp.bench_workflow import measure_dask_diamonds
+
+        with console.status("Dask distributed: the same 200 diamonds"):
+            results["dask_diamonds"] = _guard(lambda: measure_dask_diamonds(200, tmp), {})
+        console.print(f"dask diamonds: {results['dask_diamonds']}")
         for key, label in (("api_task_rtt", "in-process API"), ("mcp_task_rtt", "through MCP (2 tool calls)"),
                            ("p2p_tool_call", "task_status on C, owner A (MCP + 1 hop)")):
             if key in results["queue"]:

@@ -144,6 +144,12 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
         await _wait_views(node, 3)
         rt = await _round_trips(node, 300 if quick else 1000)
         out["api_task_rtt"] = {**_lat(rt), "samples_ms": rt}
+        from mcpp.bench_workflow import measure_step_overhead
+
+        out["step_overhead"] = await measure_step_overhead(node, 20, 3 if quick else 7)
+        from mcpp.bench_workflow import measure_diamonds_in_process
+
+        out["diamonds_in_process"] = await measure_diamonds_in_process(node, 200)
         out["throughput"] = []
         for serving in (1, 2, 3):
             await _register(c, serving, 64)
@@ -161,6 +167,11 @@ def measure_queue(tmp: Path, quick: bool) -> dict[str, Any]:
         out = trio.run(_in_process, c, tmp, quick)
         trio.run(_register_mcp_layout, c)
         out |= trio.run(_mcp_figures, c, 300 if quick else 1000)
+        from mcpp.bench_workflow import measure_mcpp_diamonds
+
+        trio.run(_register, c, 3, 4)
+        trio.run(trio.sleep, 1.0)
+        out["diamonds"] = measure_mcpp_diamonds(c, 200)
     return out
 
 
