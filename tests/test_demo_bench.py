@@ -24,6 +24,7 @@ def test_demo_runs_a_mesh_calls_tools_and_stops_cleanly(tmp_path: Path) -> None:
         assert tool in out
     assert "status=dead_lettered after 2 attempts" in out
     assert "sha256" in out and "completed" in out
+    assert "workflow completed in" in out and "critical path fetch ->" in out
 
 
 def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:

@@ -58,6 +58,19 @@ def _queue_demo(cluster: ProcessCluster, names: dict[str, str]) -> None:
         t.add_row(names.get(w["peer_id"], "?"), ",".join(w["capabilities"]), str(w["completed"]), str(w["failed"]),
                   str(w["load"]), str(w["rss_mb"]))
     console.print(t)
+    console.rule("8. a workflow: the shipped diamond template (fetch -> left, right -> join)")
+    sub = _call(w1, "workflow_submit", {"name": "demo-diamond", "template": "diamond", "params": {"text": "demo"}})
+    console.print(f"  levels {sub['levels']}, coordinated by {names.get(sub['coordinator'], '?')}")
+    res = _call(boot, "workflow_result", {"workflow_id": sub["workflow_id"], "wait": True})
+    t = Table("step", "status", "worker", "ran ms")
+    for st in res["steps"]:
+        ran = "-" if st["run_s"] is None else f"{st['run_s'] * 1000:.1f}"
+        t.add_row(st["id"], st["status"], names.get(st["worker"] or "", "-"), ran)
+    console.print(t)
+    console.print(f"  workflow {res['status']} in {res['duration_ms']} ms; join received "
+                  f"{json.dumps(res['results']['join'])[:60]}...")
+    g = _call(w2, "workflow_dependencies", {"workflow_id": sub["workflow_id"], "format": "mermaid"})
+    console.print(f"  critical path {' -> '.join(g['critical_path'])} ({g['critical_path_length']} ms, measured)")
 
 
 async def _submit_many(url: str, n: int) -> list[str]:
