@@ -105,6 +105,27 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
     return workflow_cli.run(args)
 
 
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('MCPP_MCP_PORT') or 8765}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as r:
+            return 0 if r.status == 200 else 1
+    except OSError as e:
+        print(f"mcpp: unhealthy: {url}: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from mcpp.image import build_image
+
+    b = build_image(args.tag, rebuild_base=args.rebuild_base)
+    print(f"built {b.tag}: {b.size_mb} MB in {b.total_s} s (base {'built' if b.base_built else 'cached'} "
+          f"{b.base_s} s, wheels {b.wheels_s} s, docker build {b.docker_s} s)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mcpp import demo
 
@@ -165,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_workflow_arguments(p)
     p.set_defaults(fn=_cmd_workflow)
+
+    p = sub.add_parser("healthcheck", help="exit 0 if this container's node answers /healthz (the image's HEALTHCHECK)")
+    p.add_argument("--url", help="default: http://127.0.0.1:$MCPP_MCP_PORT/healthz")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(fn=_cmd_healthcheck)
+
+    p = sub.add_parser("image", help="build the node image here (mmdebstrap base, host wheelhouse, nothing pulled)")
+    isub = p.add_subparsers(dest="image_command", required=True)
+    b = isub.add_parser("build", help="build mcpp-node:local")
+    b.add_argument("--tag", default="mcpp-node:local")
+    b.add_argument("--rebuild-base", action="store_true", help="rebuild the Debian base too")
+    p.set_defaults(fn=_cmd_image)
 
     p = sub.add_parser("demo", help="start a 5-node mesh, show discovery and some MCP tool calls, stop")
     p.add_argument("--nodes", type=int, default=5)

@@ -41,6 +41,7 @@ __all__ = [
     "node_status",
     "free_ports",
     "CLUSTER_FILE",
+    "poll_statuses",
 ]
 
 CLUSTER_FILE = "cluster.json"
@@ -102,7 +103,7 @@ def node_status(base_url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     return None
 
 
-def _poll_all(base_urls: list[str]) -> list[dict[str, Any] | None]:
+def poll_statuses(base_urls: list[str]) -> list[dict[str, Any] | None]:
     """GET /status of many nodes at once (a busy node must not delay the others' polls)."""
     with ThreadPoolExecutor(max_workers=min(32, max(1, len(base_urls)))) as pool:
         return list(pool.map(lambda u: node_status(u, 2.0), base_urls))
@@ -210,6 +211,99 @@ class _ForkServer:
         self._reader.join(5)
 
 
+class _ClusterCommon:
+    """What every backend shares: readiness and formation waits, records, cluster.json.
+    A backend provides nodes, directory, progress, formed_in_s, up_in_s, backend, logs_hint,
+    is_running(name), logs(name) and stop()."""
+
+    nodes: list[NodeRecord]
+    directory: Path
+    progress: ProgressFn | None
+    formed_in_s: float
+    up_in_s: float
+    backend: str = "?"
+    logs_hint: str = "check the node logs"
+
+    def is_running(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def logs(self, name: str, lines: int = 40) -> str:
+        raise NotImplementedError
+
+    def start(self) -> list[NodeRecord]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
+        """Wait until every running node lists all the other running nodes as connected.
+
+        Returns seconds since `_t0` (or since the call). Raises NodeStartError with logs on timeout.
+        """
+        t0 = time.monotonic() if _t0 is None else _t0
+        deadline = time.monotonic() + timeout_s
+        live = [r for r in self.nodes if self.is_running(r.name)]
+        want = (len(live) - 1) if expect is None else expect
+        ids = {r.peer_id for r in live}
+        last: dict[str, int] = {}
+        while True:
+            done = 0
+            for r, st in zip(live, poll_statuses([r.base_url for r in live])):
+                seen = set(st.get("connected", [])) & ids if st else set()
+                last[r.name] = len(seen)
+                if len(seen) >= want and st and st.get("ready"):
+                    done += 1
+            if self.progress:
+                self.progress(done, len(live), "forming")
+            if done == len(live):
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                worst = min(last, key=lambda n: last[n])
+                raise NodeStartError(
+                    worst,
+                    f"mesh not formed in {timeout_s:g} s: it sees {last[worst]} of {want} peers "
+                    f"(Hint: {self.logs_hint})",
+                    self.logs(worst),
+                )
+            time.sleep(POLL_S)
+
+    def record(self, name: str) -> NodeRecord:
+        for r in self.nodes:
+            if r.name == name:
+                return r
+        raise HarnessError(f"no node named {name!r}")
+
+    def cluster_file(self) -> Path:
+        return self.directory / CLUSTER_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "formed_in_s": round(self.formed_in_s, 3),
+            "up_in_s": round(self.up_in_s, 3),
+            "harness_pid": os.getpid(),
+            "nodes": [asdict(r) for r in self.nodes],
+        }
+
+    def write_cluster_file(self) -> None:
+        tmp = self.cluster_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, self.cluster_file())
+
+
+
 @dataclass
 class _Proc:
     name: str
@@ -221,7 +315,7 @@ class _Proc:
 
 
 @dataclass
-class ProcessCluster:
+class ProcessCluster(_ClusterCommon):
     """N nodes as local processes. Use as a context manager (or call start/stop)."""
 
     size: int
@@ -237,23 +331,18 @@ class ProcessCluster:
     up_in_s: float = 0.0  # until every node's endpoint answered (process start-up included)
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _server: _ForkServer | None = None
+    backend = "process"
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise HarnessError("a cluster needs at least 1 node")
         self.directory = Path(self.directory)
+        self.logs_hint = f"check the logs in {self.directory / 'logs'}"
 
     # ---- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> ProcessCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _ports(self) -> list[int]:
         if self.base_port is not None:
@@ -335,7 +424,7 @@ class ProcessCluster:
                 assert proc.popen is not None
                 if proc.popen.poll() is not None:
                     raise NodeStartError(name, f"exited with code {proc.popen.returncode}", self.logs(name))
-            statuses = _poll_all([self._base(self._procs[n]) for n in pending])
+            statuses = poll_statuses([self._base(self._procs[n]) for n in pending])
             for name, st in zip(pending, statuses):
                 proc = self._procs[name]
                 assert proc.popen is not None
@@ -354,38 +443,6 @@ class ProcessCluster:
         by_name = {r.name: r for r in self.nodes}
         by_name.update(records)
         return [by_name[n] for n in self._procs if n in by_name]
-
-    def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
-        """Wait until every running node lists all the other running nodes as connected.
-
-        Returns seconds since `_t0` (or since the call). Raises NodeStartError with logs on timeout.
-        """
-        t0 = time.monotonic() if _t0 is None else _t0
-        deadline = time.monotonic() + timeout_s
-        live = [r for r in self.nodes if self.is_running(r.name)]
-        want = (len(live) - 1) if expect is None else expect
-        ids = {r.peer_id for r in live}
-        last: dict[str, int] = {}
-        while True:
-            done = 0
-            for r, st in zip(live, _poll_all([r.base_url for r in live])):
-                seen = set(st.get("connected", [])) & ids if st else set()
-                last[r.name] = len(seen)
-                if len(seen) >= want and st and st.get("ready"):
-                    done += 1
-            if self.progress:
-                self.progress(done, len(live), "forming")
-            if done == len(live):
-                return time.monotonic() - t0
-            if time.monotonic() > deadline:
-                worst = min(last, key=lambda n: last[n])
-                raise NodeStartError(
-                    worst,
-                    f"mesh not formed in {timeout_s:g} s: it sees {last[worst]} of {want} peers "
-                    f"(Hint: check the logs in {self.directory / 'logs'})",
-                    self.logs(worst),
-                )
-            time.sleep(POLL_S)
 
     def stop(self) -> None:
         """SIGTERM every node, wait up to 10 s, then SIGKILL what is left."""
@@ -410,12 +467,6 @@ class ProcessCluster:
                 self._server = None
 
     # ---- faults and inspection ---------------------------------------------------------
-    def record(self, name: str) -> NodeRecord:
-        for r in self.nodes:
-            if r.name == name:
-                return r
-        raise HarnessError(f"no node named {name!r}")
-
     def is_running(self, name: str) -> bool:
         p = self._procs[name].popen
         return p is not None and p.poll() is None
@@ -448,22 +499,6 @@ class ProcessCluster:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def cluster_file(self) -> Path:
-        return self.directory / CLUSTER_FILE
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": "process",
-            "formed_in_s": round(self.formed_in_s, 3),
-            "up_in_s": round(self.up_in_s, 3),
-            "harness_pid": os.getpid(),
-            "nodes": [asdict(r) for r in self.nodes],
-        }
-
-    def write_cluster_file(self) -> None:
-        tmp = self.cluster_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        os.replace(tmp, self.cluster_file())
 
 
 @contextlib.contextmanager

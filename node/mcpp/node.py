@@ -846,6 +846,17 @@ def _valid_addrs(value: object) -> list[str]:
     return out
 
 
+def _wildcard_announce(listen: str) -> tuple[str, ...]:
+    """A node listening on 0.0.0.0 (a container) advertises its interfaces' IPv4 addresses
+    instead, so that peers can dial what they learn. Loopback is left out unless it is all."""
+    parts = listen.split("/")
+    if len(parts) < 5 or parts[1] != "ip4" or parts[2] != "0.0.0.0" or parts[3] != "tcp" or parts[4] == "0":
+        return ()
+    ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+           if a.family.name == "AF_INET" and not a.address.startswith("127.")]
+    return tuple(f"/ip4/{ip}/tcp/{parts[4]}" for ip in (ips or ["127.0.0.1"]))
+
+
 def _parse_bootstrap(config: NodeConfig) -> list[tuple[str, str]]:
     """(multiaddr, peer id) of each configured bootstrap; ConfigError names the bad one."""
     out = []
@@ -879,7 +890,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     parse_quotas(config.quotas)
     kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
-    host = make_host(kp, announce=config.announce)
+    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr))
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):

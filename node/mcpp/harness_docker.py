@@ -1,0 +1,250 @@
+"""The Docker backend of the harness: N nodes as containers of the node image on a private
+Docker network, through testcontainers.
+
+Same records and cluster.json as the process backend; MCP ports are published on 127.0.0.1
+only. Workers get only the bootstrap's address (`/dns4/node-0/tcp/4001/p2p/<id>`, resolved on
+the private network) and find the others through the DHT. Every container and network carries
+the labels `mcpp.harness=1` and `mcpp.run=<run id>`; `reap()` removes what a crashed run left.
+
+No Ryuk here (its image cannot be pulled): the backend cleans up itself, also when start-up
+fails half way (it is a context manager, like the process backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import signal
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# testcontainers reads its configuration at import: no Ryuk, and reach containers via 127.0.0.1
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+os.environ.setdefault("TC_HOST", "127.0.0.1")
+
+from mcpp import identity  # noqa: E402
+from mcpp.errors import HarnessError, NodeStartError  # noqa: E402
+from mcpp.harness import POLL_S, NodeRecord, ProgressFn, _ClusterCommon, free_ports, poll_statuses  # noqa: E402
+from mcpp.image import IMAGE_TAG, image_exists  # noqa: E402
+
+__all__ = ["DockerCluster", "reap", "LABEL"]
+
+LABEL = "mcpp.harness"
+P2P_PORT = 4001
+MCP_PORT = 8765
+KEY_PATH = "/etc/mcpp/identity.key"
+
+
+def reap(run_id: str | None = None) -> int:
+    """Remove the containers and networks of a run (all harness runs if run_id is None)."""
+    import docker
+
+    client = docker.from_env()
+    labels = [f"{LABEL}=1"] + ([f"mcpp.run={run_id}"] if run_id else [])
+    n = 0
+    for c in client.containers.list(all=True, filters={"label": labels}):
+        with contextlib.suppress(Exception):
+            c.remove(force=True)
+            n += 1
+    for net in client.networks.list(filters={"label": labels}):
+        with contextlib.suppress(Exception):
+            net.remove()
+    client.close()
+    return n
+
+
+def _key_tar(key: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(KEY_PATH.lstrip("/"))
+        info.size = len(key)
+        info.mode = 0o444  # the node runs as uid 10001
+        tar.addfile(info, io.BytesIO(key))
+    return buf.getvalue()
+
+
+@dataclass
+class DockerCluster(_ClusterCommon):
+    """N nodes as containers. Use as a context manager (or call start/stop)."""
+
+    size: int
+    directory: Path
+    image: str = IMAGE_TAG
+    node_args: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    formation_timeout_s: float = 90.0
+    progress: ProgressFn | None = None
+    nodes: list[NodeRecord] = field(default_factory=list)
+    formed_in_s: float = 0.0
+    up_in_s: float = 0.0
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    _containers: dict[str, Any] = field(default_factory=dict)
+    _roles: dict[str, str] = field(default_factory=dict)
+    _ports: dict[str, int] = field(default_factory=dict)
+    _network: Any = None
+    backend = "docker"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise HarnessError("a cluster needs at least 1 node")
+        self.directory = Path(self.directory)
+        self.logs_hint = "check `docker logs` of the container (DockerCluster.logs(name))"
+
+    def __enter__(self) -> DockerCluster:
+        super().__enter__()
+        return self
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def _labels(self) -> dict[str, str]:
+        return {LABEL: "1", "mcpp.run": self.run_id}
+
+    def container_name(self, name: str) -> str:
+        return f"mcpp-{self.run_id}-{name}"
+
+    def start(self) -> list[NodeRecord]:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.network import Network
+
+        if not image_exists(self.image):
+            raise HarnessError(f"image {self.image} not found: build it with `mcpp image build`")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "keys").mkdir(exist_ok=True)
+        boot_key = self.directory / "keys" / "node-0.key"
+        if not boot_key.exists():
+            identity.save(identity.generate(), boot_key)
+        boot_id = identity.peer_id_of(identity.load(boot_key))
+        self._network = Network(docker_network_kw={"labels": self._labels()}).create()
+        ports = free_ports(self.size)
+        t0 = time.monotonic()
+        for i in range(self.size):
+            name = f"node-{i}"
+            role = "bootstrap" if i == 0 else "worker"
+            c = (DockerContainer(self.image)
+                 .with_name(self.container_name(name))
+                 .with_network(self._network)
+                 .with_network_aliases(name)
+                 .with_env("MCPP_ROLE", role)
+                 .with_env("MCPP_ALLOWED_HOSTS", name)
+                 .with_kwargs(labels=self._labels(), hostname=name))
+            for k, v in (self.env or {}).items():
+                c.with_env(k, v)
+            if i == 0:
+                c.with_env("MCPP_IDENTITY", KEY_PATH)
+                c.with_copy_into_container(boot_key.read_bytes(), KEY_PATH, 0o444)
+            else:
+                c.with_env("MCPP_BOOTSTRAP", f"/dns4/node-0/tcp/{P2P_PORT}/p2p/{boot_id}")
+            if self.node_args:
+                c.with_command(list(self.node_args))
+            # published on 127.0.0.1 only (docker-py takes an (ip, port) tuple)
+            c.ports[f"{MCP_PORT}/tcp"] = ("127.0.0.1", ports[i])  # type: ignore[assignment]
+            self._containers[name] = c
+            self._roles[name] = role
+            self._ports[name] = ports[i]
+            c.start()
+        self.nodes = self._wait_records(list(self._containers), time.monotonic() + 60)
+        self.up_in_s = time.monotonic() - t0
+        self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
+        self.write_cluster_file()
+        return self.nodes
+
+    def _base(self, name: str) -> str:
+        return f"http://127.0.0.1:{self._ports[name]}"
+
+    def _wait_records(self, names: list[str], deadline: float) -> list[NodeRecord]:
+        records: dict[str, NodeRecord] = {}
+        while len(records) < len(names):
+            pending = [n for n in names if n not in records]
+            for name in pending:
+                if self._state(name) in ("exited", "dead"):
+                    raise NodeStartError(name, "its container exited", self.logs(name))
+            for name, st in zip(pending, poll_statuses([self._base(n) for n in pending])):
+                if st is not None:
+                    records[name] = NodeRecord(name=name, role=self._roles[name], peer_id=st["peer_id"],
+                                               multiaddrs=st["multiaddrs"], mcp_url=self._base(name) + "/mcp",
+                                               pid=self._pid(name))
+            if time.monotonic() > deadline:
+                missing = [n for n in names if n not in records][0]
+                raise NodeStartError(missing, "its MCP endpoint did not answer in time", self.logs(missing))
+            if len(records) < len(names):
+                time.sleep(POLL_S)
+        by_name = {r.name: r for r in self.nodes}
+        by_name.update(records)
+        return [by_name[n] for n in self._containers if n in by_name]
+
+    def stop(self) -> None:
+        """Remove every container (and its volume) and the network, whatever state they are in."""
+        for c in self._containers.values():
+            with contextlib.suppress(Exception):
+                c.stop(force=True, delete_volume=True)
+        self._containers.clear()
+        if self._network is not None:
+            with contextlib.suppress(Exception):
+                self._network.remove()
+            self._network = None
+        with contextlib.suppress(Exception):
+            reap(self.run_id)  # anything a half-failed start left behind
+
+    # ---- faults and inspection ---------------------------------------------------------
+    def _wrapped(self, name: str) -> Any:
+        try:
+            return self._containers[name].get_wrapped_container()
+        except KeyError:
+            raise HarnessError(f"no node named {name!r}") from None
+
+    def _state(self, name: str) -> str:
+        w = self._wrapped(name)
+        w.reload()
+        return str(w.status)
+
+    def _pid(self, name: str) -> int:
+        w = self._wrapped(name)
+        w.reload()
+        return int(w.attrs.get("State", {}).get("Pid") or 0)
+
+    def is_running(self, name: str) -> bool:
+        return self._state(name) == "running"
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """`docker kill --signal` (SIGKILL by default): the container stops, its /data stays."""
+        self._wrapped(name).kill(signal=signal.Signals(sig).name)
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            deadline = time.monotonic() + 15
+            while self._state(name) == "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def restart(self, name: str) -> NodeRecord:
+        """Start the container again (same identity, data and published port) or restart it."""
+        w = self._wrapped(name)
+        if self._state(name) == "running":
+            w.restart(timeout=10)
+        else:
+            w.start()
+        self.nodes = self._wait_records([name], time.monotonic() + 60)
+        self.write_cluster_file()
+        return self.record(name)
+
+    def pause(self, name: str) -> None:
+        self._wrapped(name).pause()
+
+    def unpause(self, name: str) -> None:
+        self._wrapped(name).unpause()
+
+    def disconnect(self, name: str) -> None:
+        """Cut the node off the mesh network (its MCP port stays reachable from the host)."""
+        self._network._unwrap_network.disconnect(self._wrapped(name), force=True)
+
+    def connect(self, name: str) -> None:
+        self._network.connect(self._wrapped(name).id, network_aliases=[name])
+
+    def logs(self, name: str, lines: int = 40) -> str:
+        try:
+            return str(self._wrapped(name).logs(tail=lines).decode(errors="replace"))
+        except Exception:
+            return ""
