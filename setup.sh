@@ -28,7 +28,7 @@ stamp=.venv/.mcpp-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing mcpp and its dependencies into .venv (pip)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,bench]"
+  .venv/bin/python -m pip install -q -e ".[test,bench,docker]"
   touch "$stamp"
 fi
 echo "setup: ready ($(.venv/bin/mcpp --help >/dev/null && echo 'mcpp installed'))"
