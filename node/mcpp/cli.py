@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=5)
     up.add_argument("--dir", default=".cluster")
     up.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
-    up.add_argument("--backend", choices=["process"], default="process")
+    up.add_argument("--backend", choices=["process", "docker"], default="process",
+                    help="process: local processes (default); docker: containers of --image on a private network")
+    up.add_argument("--image", default="mcpp-node:local", help="node image for --backend docker (mcpp image build)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the mesh to form")
     st = csub.add_parser("status", help="show the mesh started in --dir")
     st.add_argument("--dir", default=".cluster")

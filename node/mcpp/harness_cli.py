@@ -47,7 +47,13 @@ def _up(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise HarnessError("--nodes must be at least 1")
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    cluster = ProcessCluster(args.nodes, Path(args.dir), args.base_port, formation_timeout_s=args.timeout)
+    cluster: Any
+    if args.backend == "docker":
+        from mcpp.harness_docker import DockerCluster
+
+        cluster = DockerCluster(args.nodes, Path(args.dir), image=args.image, formation_timeout_s=args.timeout)
+    else:
+        cluster = ProcessCluster(args.nodes, Path(args.dir), args.base_port, formation_timeout_s=args.timeout)
     try:
         with Progress(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
@@ -130,7 +136,13 @@ def _down(args: argparse.Namespace) -> int:
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    console.print(f"stopped {len(pids)} nodes" + (f" ({len(left)} needed SIGKILL)" if left else ""))
+    removed = 0
+    if data.get("backend") == "docker" and isinstance(data.get("run_id"), str):
+        from mcpp.harness_docker import reap
+
+        removed = reap(data["run_id"])  # whatever the harness did not remove itself
+    console.print(f"stopped {len(pids)} nodes" + (f" ({len(left)} needed SIGKILL)" if left else "")
+                  + (f"; removed {removed} leftover container(s)" if removed else ""))
     return 0
 
 

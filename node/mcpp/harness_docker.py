@@ -211,6 +211,9 @@ class DockerCluster(_ClusterCommon):
     def is_running(self, name: str) -> bool:
         return self._state(name) == "running"
 
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "run_id": self.run_id, "image": self.image, "network": self._network.name}
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """`docker kill --signal` (SIGKILL by default): the container stops, its /data stays."""
         self._wrapped(name).kill(signal=signal.Signals(sig).name)
