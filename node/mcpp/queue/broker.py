@@ -809,6 +809,8 @@ class Broker:
                 expired = mono >= lease.expires
                 self._end_lease(lease)
                 self._feed(lease.worker, False)
+                if expired:  # a worker that stopped renewing is suspect: give it nothing for a while
+                    self._busy_until[lease.worker] = mono + max(UNREACHABLE_BACKOFF_S, 2 * self.settings.lease_s)
                 rec = self.store.get(lease.task_id)
                 why = (f"lease expired: worker {lease.worker} stopped renewing it" if expired
                        else f"timeout_s: ran longer than {lease.timeout_s:g} s")

@@ -1,0 +1,97 @@
+"""The Kubernetes manifests: rendered with kubectl kustomize, validated against the API schemas
+offline (kubernetes-validate), and checked against what the node really serves and reads."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+
+from mcpp import identity
+from mcpp.config import DEFAULT_MCP_PORT, ENV_PREFIX, SETTINGS
+from mcpp.harness import ProcessCluster
+from mcpp.harness_docker import MCP_PORT, P2P_PORT
+from mcpp.image import IMAGE_TAG
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is needed to render k8s/ (it is on this machine's image)")
+    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_every_object_validates_against_the_api_schemas(objects: list[dict[str, Any]]) -> None:
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy", "PodDisruptionBudget",
+                     "PodDisruptionBudget", "Secret", "Service", "Service", "StatefulSet"]
+    for o in objects:
+        kubernetes_validate.validate(o, "1.30", strict=True)
+        if o["kind"] != "Namespace":
+            assert o["metadata"]["namespace"] == "mcpp"
+
+
+def pods(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
+
+
+def test_ports_probes_image_and_env_match_the_node(objects: list[dict[str, Any]], tmp_path: Path) -> None:
+    cm = by_kind(objects, "ConfigMap")[0]["data"]
+    for spec in pods(objects):
+        (c,) = spec["containers"]
+        assert c["image"] == IMAGE_TAG
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"p2p": P2P_PORT, "mcp": MCP_PORT} and MCP_PORT == DEFAULT_MCP_PORT
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "mcp"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mcp"}
+        assert spec["securityContext"]["runAsUser"] == 10001
+        names = [e["name"] for e in c.get("env", [])] + list(cm)
+        for n in names:
+            assert n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX):].lower() in SETTINGS, f"{n} is not a setting"
+    # the image listens where the manifests say (Dockerfile defaults)
+    dockerfile = (REPO / "node" / "Dockerfile").read_text()
+    assert f"MCPP_LISTEN=/ip4/0.0.0.0/tcp/{P2P_PORT}" in dockerfile and f"MCPP_MCP_PORT={MCP_PORT}" in dockerfile
+    assert "USER 10001:10001" in dockerfile
+    # the probe paths are served by a real node: /healthz 200, /readyz 200 once joined
+    with ProcessCluster(1, tmp_path) as c:
+        base = c.nodes[0].base_url
+        assert httpx.get(base + "/healthz").status_code == 200
+        assert httpx.get(base + "/readyz").status_code == 200
+
+
+def test_services_and_bootstrap_identity(objects: list[dict[str, Any]]) -> None:
+    svcs = {s["metadata"]["name"]: s["spec"] for s in by_kind(objects, "Service")}
+    assert svcs["mcpp-bootstrap"]["clusterIP"] == "None" and svcs["mcpp-bootstrap"]["publishNotReadyAddresses"]
+    assert {p["port"] for p in svcs["mcpp-mcp"]["ports"]} == {MCP_PORT}
+    sts = by_kind(objects, "StatefulSet")[0]
+    assert sts["spec"]["serviceName"] == "mcpp-bootstrap" and sts["spec"]["replicas"] == 1
+    secret = by_kind(objects, "Secret")[0]
+    key = base64.b64decode(secret["data"]["identity.key"])
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(key)
+        f.flush()
+        peer_id = identity.peer_id_of(identity.load(f.name))
+    boot = by_kind(objects, "ConfigMap")[0]["data"]["MCPP_BOOTSTRAP"]
+    assert boot == f"/dns4/mcpp-bootstrap-0.mcpp-bootstrap.mcpp.svc.cluster.local/tcp/{P2P_PORT}/p2p/{peer_id}"
+    mounts = {m["name"]: m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MCPP_IDENTITY"] == mounts["identity"] + "/identity.key"
+    netpol = by_kind(objects, "NetworkPolicy")[0]["spec"]
+    assert sorted(p["port"] for rule in netpol["ingress"] for p in rule["ports"]) == [P2P_PORT, MCP_PORT]
