@@ -56,3 +56,7 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "error" not in dask, dask
     assert dask["workflows"] == 200 and dask["workflows_per_s"] > 0
     assert "x Dask" in (out / "results.md").read_text()
+    ct = data["containers"]
+    assert "error" not in ct, ct
+    assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4, 8]
+    assert len(ct["formation"][0]["rss_mb_per_container"]) == 4

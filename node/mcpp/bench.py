@@ -388,6 +388,20 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{dd['workflows_per_s']} workflows/s | |")
     elif q:
         lines.append(f"| queue figures | failed: {q['error']} | |")
+    ct = r.get("containers")
+    if ct and "error" not in ct:
+        if "build_cold_s" in ct:
+            p = ct["build_cold_parts_s"]
+            lines.append(f"| image build from nothing (mmdebstrap base, wheels, every layer) | {ct['build_cold_s']} s "
+                         f"(base {p['base']} s, wheels {p['wheels']} s, docker build {p['docker_build']} s) | |")
+        lines.append(f"| image rebuild after a code change | {ct['build_warm_s']} s | seconds |")
+        lines.append(f"| image size | {ct['image_size_mb']} MB | < 300 MB |")
+        for f in ct["formation"]:
+            lines.append(f"| {f['nodes']} containers (Docker backend): all answering / formed | "
+                         f"{f['up_in_s']} s / {f['formed_in_s']} s | |")
+        lines.append(f"| idle RSS per container (docker stats, 4-container mesh) | {ct['idle_rss_mb_mean']} MB | |")
+    elif ct:
+        lines.append(f"| container figures | failed: {ct['error']} | |")
     lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
     return "\n".join(lines) + "\n"
 
@@ -444,6 +458,11 @@ def run(args: argparse.Namespace) -> int:
         task_samples: dict[str, list[float]] = {}
         with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
             results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
+        from mcpp.bench_containers import measure_containers
+
+        with console.status("containers: image build, N-container formation, RSS per container"):
+            results["containers"] = _guard(lambda: measure_containers(tmp, quick), {})
+        console.print(f"containers: {results['containers']}")
         from mcpp.bench_workflow import measure_dask_diamonds
 
         with console.status("Dask distributed: the same 200 diamonds"):

@@ -115,20 +115,25 @@ def build_wheels(root: Path, cache: Path, say: object = print) -> Path:
     return ctx
 
 
-def build_image(tag: str = IMAGE_TAG, rebuild_base: bool = False, say: object = print) -> ImageBuild:
-    """Build the node image here. Raises HarnessError with the failing step's output."""
+def build_image(tag: str = IMAGE_TAG, rebuild_base: bool = False, say: object = print,
+                cold: bool = False) -> ImageBuild:
+    """Build the node image here. cold=True rebuilds everything (base, wheels, every layer).
+    Raises HarnessError with the failing step's output."""
     if shutil.which("docker") is None:
         raise HarnessError("docker is not installed")
     root = repo_root()
     cache = root / ".cache" / "image"
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    built = ensure_base(rebuild_base, say)
+    built = ensure_base(rebuild_base or cold, say)
     t1 = time.monotonic()
     ctx = build_wheels(root, cache, say)
     t2 = time.monotonic()
     say(f"image: docker build -t {tag} (BASE_IMAGE={BASE_TAG})")  # type: ignore[operator]
-    _run(["docker", "build", "--build-arg", f"BASE_IMAGE={BASE_TAG}", "-t", tag, str(ctx)], "docker build")
+    _run(["docker", "build", *(["--no-cache"] if cold else []), "--build-arg", f"BASE_IMAGE={BASE_TAG}", "-t", tag,
+          str(ctx)], "docker build")
     t3 = time.monotonic()
     return ImageBuild(tag, built, round(t1 - t0, 2), round(t2 - t1, 2), round(t3 - t2, 2), round(t3 - t0, 2),
                       image_size_mb(tag))
