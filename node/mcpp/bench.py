@@ -311,18 +311,38 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
 
     tput = [t for t in results.get("queue", {}).get("throughput", [])]
 
+    cput = results.get("queue", {}).get("cpu_throughput", [])
+    systems = results.get("systems", {})
+
     def throughput(ax: Any) -> None:
         ax.plot([t["worker_nodes"] for t in tput], [t["tasks_per_s"] for t in tput], "o-", label="mcpp no-op (echo)")
+        if cput:
+            ax.plot([t["worker_nodes"] for t in cput], [t["tasks_per_s"] for t in cput], "s--",
+                    label="mcpp sha256 (20,000 rounds)")
+        for i, (name, v) in enumerate(x for x in systems.items() if x[0] != "mcpp"):
+            if "noop_tasks_per_s" in v:
+                ax.plot([3 + 0.05 * (i + 1)], [v["noop_tasks_per_s"]], "^", label=f"{name} no-op, 3 workers")
+            if "cpu_tasks_per_s" in v:
+                ax.plot([3 + 0.05 * (i + 1)], [v["cpu_tasks_per_s"]], "v", label=f"{name} sha256, 3 workers")
         ax.set_ylim(bottom=0)
         ax.set_xticks([t["worker_nodes"] for t in tput])
+
+    def rss(ax: Any) -> None:
+        names = [n for n, v in systems.items() if "idle_rss_mb" in v]
+        ax.bar(names, [systems[n]["idle_rss_mb"] for n in names])
+        for i, n in enumerate(names):
+            ax.text(i, systems[n]["idle_rss_mb"], f"{systems[n]['idle_rss_mb']:.0f}", ha="center", va="bottom")
 
     extra = []
     if task_samples:
         extra.append(figure("task_latency_cdf.png", "Cross-peer task round trip (submit on A, run on B, result on A)",
                             "round trip (ms, log)", "fraction of tasks", task_cdf))
     if tput:
-        extra.append(figure("throughput_vs_workers.png", "No-op task throughput (2 cores for everything)",
-                            "worker nodes", "tasks / s", throughput))
+        extra.append(figure("throughput_vs_workers.png", "Task throughput (2 cores for everything)",
+                            "worker nodes / processes", "tasks / s", throughput))
+    if any("idle_rss_mb" in v for v in systems.values()):
+        extra.append(figure("rss_per_system.png", "Idle RSS of each system (3 workers, all processes)",
+                            "system", "MB", rss))
     return extra + [
         figure("rpc_latency_cdf.png", "Small request round trip between two local processes",
                "round trip (ms, log)", "fraction of calls", cdf),
@@ -402,8 +422,65 @@ def _markdown(results: dict[str, Any], command: str) -> str:
         lines.append(f"| idle RSS per container (docker stats, 4-container mesh) | {ct['idle_rss_mb_mean']} MB | |")
     elif ct:
         lines.append(f"| container figures | failed: {ct['error']} | |")
+    if "systems" in r:
+        lines += _systems_table(r["systems"])
     lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
     return "\n".join(lines) + "\n"
+
+
+SYSTEM_KEYS = (
+    ("task_rtt_p50_ms", "task round trip p50 (ms, lower is better)", False),
+    ("task_rtt_p99_ms", "task round trip p99 (ms)", False),
+    ("noop_tasks_per_s", "no-op tasks/s, 3 workers", True),
+    ("cpu_tasks_per_s", "sha256 tasks/s (20,000 rounds), 3 workers", True),
+    ("workflows_per_s", "diamond workflows/s (200 at once)", True),
+    ("idle_rss_mb", "idle RSS of the whole system (MB)", False),
+    ("startup_s", "start-up to first result (s)", False),
+)
+
+
+def _mcpp_system(r: dict[str, Any]) -> dict[str, Any]:
+    q = r.get("queue", {})
+    if "error" in q or not q:
+        return {"skipped": f"queue figures failed: {q.get('error')}"}
+    from mcpp import __version__
+
+    echo: dict[str, Any] = next((v for k, v in r["rpc"].items() if k.startswith("mcpp rpc echo")), {})
+    return {
+        "task_rtt_p50_ms": q["api_task_rtt"]["p50_ms"], "task_rtt_p99_ms": q["api_task_rtt"]["p99_ms"],
+        "noop_tasks_per_s": q["throughput"][-1]["tasks_per_s"],
+        "cpu_tasks_per_s": q["cpu_throughput"][-1]["tasks_per_s"],
+        "workflows_per_s": q["diamonds_in_process"]["workflows_per_s"],
+        "idle_rss_mb": q["idle_rss_mb_3_nodes"], "startup_s": q["startup_s"],
+        "mcp_task_rtt_p50_ms": q["mcp_task_rtt"]["p50_ms"], "p2p_call_p50_ms": echo.get("p50_ms"),
+        "formation_s": {str(f["nodes"]): f.get("formed_in_s") for f in r["formation"]},
+        "version": __version__, "workers": "3 node processes (worker nodes), owner in the benchmark process",
+    }
+
+
+def _systems_table(systems: dict[str, dict[str, Any]]) -> list[str]:
+    names = list(systems)
+    lines = ["", "## mcpp and its peers, same run, same machine", "",
+             "| figure | " + " | ".join(names) + " | mcpp vs best peer |", "|---" * (len(names) + 2) + "|"]
+    for key, label, higher_better in SYSTEM_KEYS:
+        vals = {n: systems[n].get(key) for n in names}
+        cells = [("skipped" if "skipped" in systems[n] else "-") if vals[n] is None else f"{vals[n]:g}"
+                 for n in names]
+        peer_vals = [v for n, v in vals.items() if n != "mcpp" and isinstance(v, (int, float)) and v > 0]
+        m = vals.get("mcpp")
+        ratio = "-"
+        if isinstance(m, (int, float)) and m > 0 and peer_vals:
+            best = max(peer_vals) if higher_better else min(peer_vals)
+            ratio = f"{m / best:.2f}x" if higher_better else f"{best / m:.2f}x faster" if key != "idle_rss_mb" \
+                else f"{m / best:.2f}x the memory"
+            if key == "startup_s":
+                ratio = f"{m / best:.2f}x the time"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    skipped = [f"{n}: {systems[n]['skipped']}" for n in names if "skipped" in systems[n]]
+    lines += ["", "Versions: " + ", ".join(f"{n} {systems[n].get('version', '?')}" for n in names)]
+    if skipped:
+        lines.append("Skipped: " + "; ".join(skipped))
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -468,6 +545,22 @@ def run(args: argparse.Namespace) -> int:
         with console.status("Dask distributed: the same 200 diamonds"):
             results["dask_diamonds"] = _guard(lambda: measure_dask_diamonds(200, tmp), {})
         console.print(f"dask diamonds: {results['dask_diamonds']}")
+        from mcpp.bench_peers import PeerCounts, measure_celery, measure_dask, measure_ray
+
+        counts = PeerCounts(quick)
+        results["params"] = {"rtt_tasks": counts.rtt, "noop_tasks": counts.noop, "cpu_tasks": counts.cpu,
+                             "cpu_rounds": counts.rounds, "worker_processes": 3}
+        peers: dict[str, dict[str, Any]] = {}
+        for name, measure in (("celery", measure_celery), ("dask", measure_dask), ("ray", measure_ray)):
+            with console.status(f"peer system: {name}"):
+                peers[name] = _guard(lambda m=measure: m(tmp, counts), {"skipped": "failed"})
+            console.print(f"{name}: { {k: v for k, v in peers[name].items() if k != 'samples_ms'} }")
+        results["systems"] = {"mcpp": _mcpp_system(results), **peers}
+        if "workflows_per_s" in results.get("dask_diamonds", {}):
+            results["systems"]["dask"]["workflows_per_s"] = results["dask_diamonds"]["workflows_per_s"]
+        for name, v in results["systems"].items():
+            if "samples_ms" in v:
+                task_samples[f"{name}: task round trip"] = v.pop("samples_ms")
         for key, label in (("api_task_rtt", "in-process API"), ("mcp_task_rtt", "through MCP (2 tool calls)"),
                            ("p2p_tool_call", "task_status on C, owner A (MCP + 1 hop)")):
             if key in results["queue"]:

@@ -27,6 +27,7 @@ from mcpp.peers import percentile
 __all__ = ["measure_queue"]
 
 ALL_TYPES = ["echo", "sleep", "sha256", "fail"]
+CPU_ROUNDS = 20_000  # the same as the peers' (bench_peers.PeerCounts.rounds)
 
 
 def _lat(ms: list[float]) -> dict[str, Any]:
@@ -64,20 +65,23 @@ async def _round_trips(node: Node, n: int) -> list[float]:
     return out
 
 
-async def _throughput(node: Node, n: int) -> dict[str, Any]:
+async def _throughput(node: Node, n: int, task_type: str = "echo", rounds: int = 0) -> dict[str, Any]:
     q = node.queue
     assert q is not None
     ids: list[str] = []
     t0 = time.perf_counter()
 
-    async def submitter(k: int) -> None:
-        for i in range(k):
-            s = await q.submit("echo", {"i": i}, None, 1.0, [], [], 300, None, {}, 0)
+    def payload(i: int) -> Any:
+        return {"data": f"t{i}", "rounds": rounds} if task_type == "sha256" else {"i": i}
+
+    async def submitter(k: int, base: int) -> None:
+        for i in range(base, base + k):
+            s = await q.submit(task_type, payload(i), None, 1.0, [], [], 300, None, {}, 0)
             ids.append(s["task_id"])
 
     async with trio.open_nursery() as nursery:
-        for _ in range(8):
-            nursery.start_soon(submitter, n // 8)
+        for j in range(8):
+            nursery.start_soon(submitter, n // 8, j * (n // 8))
     t_submitted = time.perf_counter()
     for tid in ids:
         await q.broker.wait_final(tid)
@@ -85,9 +89,9 @@ async def _throughput(node: Node, n: int) -> dict[str, Any]:
     workers: dict[str, int] = {}
     for tid in ids:
         rec = q.store.get(tid)
-        assert rec is not None and rec.status == "completed"
+        assert rec is not None and rec.status == "completed", rec
         workers[str(rec.worker)] = workers.get(str(rec.worker), 0) + 1
-    return {"tasks": len(ids), "tasks_per_s": round(len(ids) / (t1 - t0)), "submit_s": round(t_submitted - t0, 3),
+    return {"tasks": len(ids), "tasks_per_s": round(len(ids) / (t1 - t0), 1), "submit_s": round(t_submitted - t0, 3),
             "total_s": round(t1 - t0, 3), "per_worker": sorted(workers.values(), reverse=True)}
 
 
@@ -157,14 +161,32 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
             await trio.sleep(0.5)
             t = await _throughput(node, 2000 if quick else 6000)
             out["throughput"].append({"worker_nodes": serving, "max_concurrent": 64, **t})
+            await _register(c, serving, 4)
+            await _wait_views(node, serving)
+            t = await _throughput(node, 150 if quick else 600, "sha256", CPU_ROUNDS)
+            out.setdefault("cpu_throughput", []).append({"worker_nodes": serving, "max_concurrent": 4,
+                                                         "rounds": CPU_ROUNDS, **t})
         out["queued_rss"] = await _queued_rss(node, 10_000)
         await _register(c, 3, 4)
     return out
 
 
+async def _first_result(url: str) -> None:
+    async with Client(url) as s:
+        t = structured(await s.call_tool("task_submit", {"task_type": "echo", "payload": 1}))
+        structured(await s.call_tool("task_result", {"task_id": t["task_id"], "wait": True}))
+
+
 def measure_queue(tmp: Path, quick: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
     with ProcessCluster(3, tmp / "queue3", formation_timeout_s=60, node_args=["--log-level", "warning"]) as c:
+        trio.run(_first_result, c.nodes[0].mcp_url)
+        startup = time.perf_counter() - t0
+        time.sleep(2)
+        idle = round(sum(psutil.Process(n.pid).memory_info().rss for n in c.nodes) / 2**20, 1)
         out = trio.run(_in_process, c, tmp, quick)
+        out["startup_s"] = round(startup, 3)
+        out["idle_rss_mb_3_nodes"] = idle
         trio.run(_register_mcp_layout, c)
         out |= trio.run(_mcp_figures, c, 300 if quick else 1000)
         from mcpp.bench_workflow import measure_mcpp_diamonds

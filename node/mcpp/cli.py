@@ -126,6 +126,12 @@ def _cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from mcpp import loadtest
+
+    return loadtest.run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mcpp import demo
 
@@ -200,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tag", default="mcpp-node:local")
     b.add_argument("--rebuild-base", action="store_true", help="rebuild the Debian base too")
     p.set_defaults(fn=_cmd_image)
+
+    p = sub.add_parser("loadtest", help="start a mesh and run Locust against its MCP endpoints; write summary.json")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--duration", default="30s", help="e.g. 30s, 2m (at most 10 minutes)")
+    p.add_argument("--backend", choices=["process", "docker"], default="process")
+    p.add_argument("--quick", action="store_true", help="15 s")
+    p.add_argument("--out", default="loadtest-results")
+    p.set_defaults(fn=_cmd_loadtest)
 
     p = sub.add_parser("demo", help="start a 5-node mesh, show discovery and some MCP tool calls, stop")
     p.add_argument("--nodes", type=int, default=5)
