@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for pkg in gcc libgmp-dev python3-dev mmdebstrap; do
+for pkg in gcc libgmp-dev python3-dev mmdebstrap redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -28,7 +28,7 @@ stamp=.venv/.mcpp-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing mcpp and its dependencies into .venv (pip)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,bench,docker]"
+  .venv/bin/python -m pip install -q -e ".[test,bench,docker,load,peers]"
   touch "$stamp"
 fi
 echo "setup: ready ($(.venv/bin/mcpp --help >/dev/null && echo 'mcpp installed'))"

@@ -60,3 +60,23 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "error" not in ct, ct
     assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4, 8]
     assert len(ct["formation"][0]["rss_mb_per_container"]) == 4
+    systems = data["systems"]
+    assert sorted(systems) == ["celery", "dask", "mcpp", "ray"]
+    for name in ("mcpp", "celery", "dask"):
+        s = systems[name]
+        assert "skipped" not in s, (name, s)
+        assert 0 < s["task_rtt_p50_ms"] <= s["task_rtt_p99_ms"] and s["noop_tasks_per_s"] > 0 and s["idle_rss_mb"] > 0
+    assert "skipped" in systems["ray"] or systems["ray"]["noop_tasks_per_s"] > 0
+    assert "## mcpp and its peers" in (out / "results.md").read_text()
+    assert (out / "rss_per_system.png").stat().st_size > 1000
+
+
+def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:
+    out = tmp_path / "lt"
+    res = subprocess.run(MCPP + ["loadtest", "--nodes", "2", "--users", "2", "--duration", "4s", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["errors"] == 0 and s["calls"] > 0 and s["calls_per_s"] > 0
+    assert set(s["per_tool"]) == {"task_submit", "task_result", "peer_list", "queue_stats", "workflow_submit"}
+    assert (out / "locust_stats.csv").exists()
