@@ -471,10 +471,8 @@ def _systems_table(systems: dict[str, dict[str, Any]]) -> list[str]:
         ratio = "-"
         if isinstance(m, (int, float)) and m > 0 and peer_vals:
             best = max(peer_vals) if higher_better else min(peer_vals)
-            ratio = f"{m / best:.2f}x" if higher_better else f"{best / m:.2f}x faster" if key != "idle_rss_mb" \
-                else f"{m / best:.2f}x the memory"
-            if key == "startup_s":
-                ratio = f"{m / best:.2f}x the time"
+            x = m / best if higher_better else best / m  # > 1: mcpp is better
+            ratio = f"{x:.2f}x ({'better' if x >= 1 else 'worse'})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     skipped = [f"{n}: {systems[n]['skipped']}" for n in names if "skipped" in systems[n]]
     lines += ["", "Versions: " + ", ".join(f"{n} {systems[n].get('version', '?')}" for n in names)]

@@ -229,7 +229,9 @@ def measure_ray(tmp: Path, counts: PeerCounts) -> dict[str, Any]:
     base = me.memory_info().rss
     t0 = time.perf_counter()
     try:
-        ray.init(num_cpus=3, include_dashboard=False, _temp_dir="/tmp/mcpp-ray", logging_level="ERROR",
+        import logging
+
+        ray.init(num_cpus=3, include_dashboard=False, _temp_dir="/tmp/mcpp-ray", logging_level=logging.ERROR,
                  log_to_driver=False)
     except Exception as e:
         return {"skipped": f"ray.init failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}

@@ -13,6 +13,7 @@ attempt, worker): late or duplicate completions are ignored and counted.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
@@ -843,7 +844,8 @@ class Broker:
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+            with contextlib.suppress(RuntimeError):  # closed: the node is shutting down
+                self._nursery.start_soon(fn, *args)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -144,10 +144,14 @@ class Worker:
                 continue
             run = _Run(tid, owner, int(t["attempt"]), t["task_type"], float(t["timeout_s"]),
                        dict(t.get("needs") or {}), TaskContext(tid, int(t["attempt"])), time.time())
+            try:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._execute, run, t.get("payload"))
+            except RuntimeError:  # the node is shutting down: the owner keeps the task queued
+                rejected[tid] = "worker stopping"
+                continue
             self.running[tid] = run
             accepted.append(tid)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._execute, run, t.get("payload"))
         return {"accepted": accepted, "rejected": rejected, "free": self.free()}
 
     async def on_cancel(self, peer_id: str, params: Any) -> Any:
