@@ -78,6 +78,15 @@ def _instrument(node: Node, fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _wants_progress(ctx: Context) -> bool:
+    """Did the client send a progress token? (Without one, a wait needs no progress loop.)"""
+    try:
+        meta = ctx.request_context.meta
+    except (AttributeError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("progress_token") is not None or meta.get("progressToken") is not None)
+
+
 def _enum(values: tuple[str, ...], doc: str) -> Any:
     return Field(description=doc, json_schema_extra={"enum": list(values)})
 
@@ -206,7 +215,7 @@ def _add_queue_tools(node: Node, server: MCPServer) -> None:
         """Result of any task of the mesh. wait=True blocks until it is final (at most timeout_s) and
         reports progress when the client sent a progress token. include_logs: the handler's log lines;
         include_history: every attempt with its worker, times and error."""
-        if not wait or ctx is None:
+        if not wait or ctx is None or not _wants_progress(ctx):
             return await q.result(task_id, wait, timeout_s, include_logs, include_history)
         out: dict[str, Any] = {}
         failed: list[MCPPError] = []

@@ -60,6 +60,7 @@ UNREACHABLE_BACKOFF_S = 1.0
 CANCEL_GRACE_S = 2.0
 RATE_WINDOW_S = 60.0
 BATCH_BYTES = 1 << 20
+COUNTS_TTL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class Broker:
         self.stats = _Stats()
         self.final_hooks: list[Callable[[TaskRecord], None]] = []
         self._seq = store.max_seq()
+        self._counts_cache: tuple[float, dict[tuple[str, str], int]] | None = None
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._resume()
@@ -756,8 +758,15 @@ class Broker:
         return [d for d in self._dependents if not self._is_local(d)]
 
     # ---- statistics --------------------------------------------------------------------
+    def _counts(self) -> dict[tuple[str, str], int]:
+        """The store's counts by (status, type): a scan of the table, so cached for COUNTS_TTL_S."""
+        mono = time.monotonic()
+        if self._counts_cache is None or mono - self._counts_cache[0] > COUNTS_TTL_S:
+            self._counts_cache = (mono, self.store.counts())
+        return self._counts_cache[1]
+
     def local_stats(self) -> dict[str, Any]:
-        counts = self.store.counts()
+        counts = self._counts()
         by_status = {s: 0 for s in STATUSES}
         by_type: dict[str, dict[str, int]] = {}
         for (s, t), n in counts.items():
