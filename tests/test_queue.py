@@ -473,3 +473,63 @@ def test_node_stops_cleanly_while_dispatching_to_itself(tmp_path: Path) -> None:
         assert db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 2000
     finally:
         db.close()
+
+
+def test_malformed_requests_from_a_peer_are_refused_and_the_node_keeps_working(qc: ProcessCluster) -> None:
+    """A raw peer (an in-process node joined to the mesh) sends forwarded task_submits with bad
+    fields, a worker advertisement with a nonsense max_concurrent, and a malformed completion that
+    matches no lease: each is refused or ignored, and the target keeps dispatching."""
+    from mcpp.config import NodeConfig
+    from mcpp.errors import RemoteError
+    from mcpp.node import open_node
+
+    register(qc, {})
+    target = qc.nodes[1]
+    good = {"task_type": "echo", "payload": 1, "task_id": None, "priority": 1.0, "depends_on": [], "tags": [],
+            "timeout_s": 300, "retry_policy": None, "metadata": {}, "cache_ttl_s": 0}
+    bad_cases = [({"timeout_s": "x"}, "timeout_s"), ({"priority": "high"}, "priority"),
+                 ({"task_type": "teleport"}, "task_type"), ({"payload": {"a": [1] * 600_000}}, "payload")]
+
+    async def go(tmp: Path) -> list[str]:
+        cfg = NodeConfig(role="worker", bootstrap=(qc.nodes[0].multiaddrs[0],), data_dir=str(tmp),
+                         capabilities=("none",), log_level="warning")
+        errors = []
+        async with open_node(cfg) as node:
+            with trio.fail_after(20):
+                while node.table.get(target.peer_id) is None or not node.table.get(target.peer_id).connected:  # type: ignore[union-attr]
+                    await trio.sleep(0.05)
+            for change, _ in bad_cases:
+                try:
+                    await node.rpc.call(target.peer_id, "q.submit", {**good, **change}, timeout_s=10)
+                    errors.append("accepted")
+                except RemoteError as e:
+                    errors.append(e.remote_message)
+            await node.rpc.call(target.peer_id, "w.update", {"active": True, "task_types": ["echo"],
+                                                             "max_concurrent": "lots"}, timeout_s=10)
+            answer = await node.rpc.call(target.peer_id, "q.done", {"free": "3", "results": [
+                {"task_id": "ffff@" + target.peer_id, "attempt": 1, "outcome": "ok", "logs": 5, "error": {"x": 1}}]})
+            assert answer == {"taken": 0, "ignored": 1}
+        return errors
+
+    import tempfile
+
+    errors = trio.run(go, Path(tempfile.mkdtemp()))
+    for (change, field), msg in zip(bad_cases, errors):
+        assert msg.startswith(field), (change, msg)
+    s = call(target.mcp_url, "task_submit", {"task_type": "echo", "payload": "still here"})
+    assert wait_final(target.mcp_url, [s["task_id"]])[0]["result"] == "still here"
+
+
+def test_clearing_a_dependency_fails_its_dependents(qc: ProcessCluster) -> None:
+    register(qc, {})
+    url = qc.nodes[2].mcp_url
+    call(url, "queue_pause", {"task_type": "sleep"})
+    try:
+        dep = call(url, "task_submit", {"task_type": "sleep", "payload": {"seconds": 0}, "tags": ["clear-dep"]})
+        child = call(url, "task_submit", {"task_type": "echo", "depends_on": [dep["task_id"]]})
+        assert child["status"] == "blocked"
+        assert call(url, "queue_clear", {"confirm": True, "tag": "clear-dep"})["removed"] == 1
+        r = wait_final(url, [child["task_id"]], 10)[0]
+        assert r["status"] == "failed" and "cancelled" in r["error"]
+    finally:
+        call(url, "queue_resume", {})

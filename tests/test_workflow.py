@@ -234,3 +234,15 @@ def test_workflow_cli_runs_a_yaml_file(wc: ProcessCluster) -> None:
 
 
 
+
+
+def test_caller_ids_that_share_a_prefix_are_separate_workflows(wc: ProcessCluster) -> None:
+    register(wc, {})
+    url = wc.nodes[1].mcp_url
+    steps = [{"id": "only", "task_type": "echo", "payload": "monday"}]
+    a = call(url, "workflow_submit", {"name": "etl", "steps": steps, "workflow_id": "etl@mon"})
+    steps2 = [{"id": "only", "task_type": "echo", "payload": "tuesday"}]
+    b = call(url, "workflow_submit", {"name": "etl", "steps": steps2, "workflow_id": "etl@tue"})
+    assert not b["existing"]
+    assert wf_result(url, a["workflow_id"])["results"] == {"only": "monday"}
+    assert wf_result(url, b["workflow_id"])["results"] == {"only": "tuesday"}

@@ -190,8 +190,14 @@ class Broker:
 
     def _block(self, rec: TaskRecord) -> None:
         deps = set(rec.depends_on)
-        local = self.store.get_many([d for d in deps if self._is_local(d)])
-        for d, r in local.items():
+        local_ids = [d for d in deps if owner_of(d) == self.me or self.store.exists(d)]
+        local = self.store.get_many(local_ids)
+        for d in local_ids:
+            r = local.get(d)
+            if r is None or (r.final and r.status != "completed"):
+                # it ended (or was cleared) before this task was indexed: no event will come
+                self._finish(rec, "failed", error=f"depends_on: {d} ended {r.status if r else 'removed'}")
+                return
             if r.status == "completed":
                 deps.discard(d)
         self._blocked[rec.task_id] = deps
@@ -421,10 +427,16 @@ class Broker:
         if status == "running":
             raise ArgumentError("status", "running tasks cannot be cleared; cancel them with task_cancel")
         ids = self.store.ids(TaskFilter(status=status, task_type=task_type, tag=tag))
+        gone = []
         for tid in ids:
             self._dequeue(tid)
             self._drop_blocked(tid)
+            rec = self.store.get(tid)
+            if rec is not None and not rec.final:
+                gone.append(rec.replace(status="cancelled", error="removed by queue_clear"))
         self.store.delete(ids)
+        for rec in gone:  # dependents fail, workflows learn of it, waiters wake
+            self._finished(rec)
         for tid in ids:
             ev = self._waiters.pop(tid, None)
             if ev is not None:
@@ -578,8 +590,14 @@ class Broker:
             self._feed(peer, False)
             self._undo_dispatch(batch)
             return
-        self._worker_free[peer] = (int(answer.get("free", 0)), time.monotonic())
-        rejected = answer.get("rejected") or {}
+        free = answer.get("free") if isinstance(answer, dict) else None
+        rejected = answer.get("rejected") if isinstance(answer, dict) else None
+        if not isinstance(free, int) or isinstance(free, bool) or not isinstance(rejected, dict):
+            log.warning("malformed dispatch answer", extra=kv(worker=peer))
+            self._busy_until[peer] = time.monotonic() + UNREACHABLE_BACKOFF_S
+            self._undo_dispatch(batch)
+            return
+        self._worker_free[peer] = (free, time.monotonic())
         if rejected:
             self._busy_until[peer] = time.monotonic() + BUSY_BACKOFF_S
             self._undo_dispatch([r for r in batch if r.task_id in rejected])
@@ -617,6 +635,8 @@ class Broker:
         mono = time.monotonic()
         lost = []
         for t in tasks:
+            if not isinstance(t, dict):
+                continue
             lease = self.leases.get(str(t.get("task_id")))
             if lease is None or lease.worker != worker or lease.attempt != t.get("attempt"):
                 lost.append(t.get("task_id"))
@@ -657,16 +677,19 @@ class Broker:
 
     def _complete_attempt(self, rec: TaskRecord, lease: Lease, c: dict[str, Any]) -> None:
         outcome = str(c.get("outcome"))
-        error = c.get("error")
+        error = None if c.get("error") is None else str(c.get("error"))[:10_000]
         started, finished = c.get("started_at"), c.get("finished_at")
+        started = started if isinstance(started, (int, float)) and not isinstance(started, bool) else None
+        finished = finished if isinstance(finished, (int, float)) and not isinstance(finished, bool) else None
         history = self._attempt_entry(rec, lease, outcome, error, started, finished)
-        logs = tuple(str(x) for x in (c.get("logs") or []))
+        raw_logs = c.get("logs")
+        logs = tuple(str(x)[:1000] for x in (raw_logs[:500] if isinstance(raw_logs, list) else []))
         rec = rec.replace(logs=(*rec.logs, *logs)[-500:])
         if outcome == "ok":
             self._feed(lease.worker, True)
             self._finish(rec, "completed", result=c.get("result"), history=history,
                          started_at=started if isinstance(started, (int, float)) else rec.started_at)
-        elif outcome == "cancelled" and lease.cancel_at is not None:
+        elif lease.cancel_at is not None:  # a cancel was accepted: whatever else happened, it stays cancelled
             self._finish(rec, "cancelled", error=lease.cancel_reason, history=history)
         elif outcome in ("requeue", "cancelled"):
             # the worker stopped it (unregistered without drain, or shut down): not the task's fault
@@ -828,7 +851,11 @@ class Broker:
                 log.info("lease expired", extra=kv(task=lease.task_id, worker=lease.worker, reason=why))
                 self._spawn(self._tell_cancel, lease.worker, lease.task_id, lease.attempt, why)
                 if rec is not None and rec.status == "running":
-                    self._attempt_failed(rec, self._attempt_entry(rec, lease, "lost", why), why)
+                    if lease.cancel_at is not None:  # a cancel was accepted: it is not retried
+                        self._finish(rec, "cancelled", error=lease.cancel_reason,
+                                     history=self._attempt_entry(rec, lease, "lost", why))
+                    else:
+                        self._attempt_failed(rec, self._attempt_entry(rec, lease, "lost", why), why)
                 self._wake.set()
 
     async def _tick_loop(self) -> None:

@@ -139,8 +139,8 @@ class QueueService:
                                         int(w.get("max_concurrent", 1)),
                                         {str(k): float(v) for k, v in (w.get("resources") or {}).items()},
                                         rec.rtt_p50() or 1.0))
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError, AttributeError, OverflowError):
+                continue  # a peer that advertises nonsense gets no tasks
         return views
 
     def _type_known(self, task_type: str) -> bool:
@@ -216,7 +216,13 @@ class QueueService:
         return {tid: r.status for tid, r in recs.items()}
 
     async def _rpc_submit(self, peer: str, p: Any) -> Any:
-        return await self._accept(p)
+        # a forwarded submit is checked again: the peer's own checks are not to be trusted
+        check_submit(p["task_type"], p["payload"], p["task_id"], p["priority"], p["depends_on"], p["tags"],
+                     p["timeout_s"], p["retry_policy"], p["metadata"], p["cache_ttl_s"], self.config.max_payload_bytes)
+        if not self._type_known(p["task_type"]):
+            raise ArgumentError("task_type", f"unknown task type {p['task_type']!r}")
+        return await self._accept({k: p[k] for k in ("task_type", "payload", "task_id", "priority", "depends_on",
+                                                     "tags", "timeout_s", "retry_policy", "metadata", "cache_ttl_s")})
 
     async def _rpc_status(self, peer: str, p: Any) -> Any:
         return self.broker.status(p["task_id"], bool(p.get("include_metrics")))
@@ -233,7 +239,10 @@ class QueueService:
         return out
 
     async def _rpc_cancel(self, peer: str, p: Any) -> Any:
-        return self.broker.cancel(p["task_id"], p.get("reason"), bool(p.get("force")))
+        reason = p.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise ArgumentError("reason", "must be a string of at most 1000 characters")
+        return self.broker.cancel(check_task_id(p["task_id"]), reason, bool(p.get("force")))
 
     async def _rpc_priority(self, peer: str, p: Any) -> Any:
         return self.broker.set_priority(p["task_id"], p.get("priority"), p.get("boost"))
@@ -252,7 +261,12 @@ class QueueService:
         return out
 
     async def _rpc_done(self, peer: str, p: Any) -> Any:
-        return self.broker.on_done(peer, p.get("free"), list(p.get("results") or []))
+        free = p.get("free")
+        results = p.get("results")
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise ArgumentError("results", "must be a list of completion objects")
+        return self.broker.on_done(peer, free if isinstance(free, int) and not isinstance(free, bool) else None,
+                                   results)
 
     async def _rpc_beat(self, peer: str, p: Any) -> Any:
         return self.broker.on_beat(peer, list(p.get("tasks") or []))
@@ -544,6 +558,8 @@ class QueueService:
                 try:
                     st = await self._call(owner, "q.statuses", {"ids": ids}, 5)
                 except MCPPError:
+                    continue
+                if not isinstance(st, dict):
                     continue
                 for d, s in st.items():
                     if s in ("completed", "failed", "cancelled", "dead_lettered"):

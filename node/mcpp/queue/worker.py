@@ -32,6 +32,7 @@ __all__ = ["Worker", "WorkerSettings"]
 log = logging.getLogger("mcpp.worker")
 Send = Callable[[str, str, Any], Awaitable[Any]]
 DELIVERY_GIVE_UP_S = 600.0
+BATCH_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class _Pending:
     owner: str
     completion: dict[str, Any]
     since: float
+    size: int = 0  # the result's JSON size, measured when it was checked against the limit
 
 
 class Worker:
@@ -174,6 +176,7 @@ class Worker:
     async def _execute(self, run: _Run, payload: Any) -> None:
         handler = self.registry.get(run.task_type)
         outcome, result, error = "error", None, None
+        size = 0
         with run.scope:
             try:
                 assert handler is not None
@@ -203,7 +206,7 @@ class Worker:
             "task_id": run.task_id, "attempt": run.attempt, "outcome": outcome, "result": result,
             "error": error, "logs": run.ctx.logs, "started_at": run.started_at, "finished_at": time.time(),
         }
-        self._outbox.append(_Pending(run.owner, completion, time.monotonic()))
+        self._outbox.append(_Pending(run.owner, completion, time.monotonic(), size if outcome == "ok" else 0))
         self._wake_flush.set()
 
     async def _deliver(self, owner: str, items: list[_Pending]) -> None:
@@ -237,8 +240,17 @@ class Worker:
             self._outbox = rest
             assert self._nursery is not None
             for owner, items in by_owner.items():
+                # one q.done at most ~BATCH_BYTES: results may be up to max_payload_bytes each
                 self._flushing.add(owner)
-                self._nursery.start_soon(self._deliver, owner, items)
+                first: list[_Pending] = []
+                size = 0
+                for p in items:
+                    if first and size + p.size > BATCH_BYTES:
+                        self._outbox.append(p)  # the next round takes the rest
+                        continue
+                    first.append(p)
+                    size += p.size
+                self._nursery.start_soon(self._deliver, owner, first)
 
     async def _beat_owner(self, owner: str, runs: list[_Run]) -> None:
         tasks = [{"task_id": r.task_id, "attempt": r.attempt, "progress": r.ctx.progress_value} for r in runs]

@@ -10,6 +10,7 @@ final-state hook, and on restart reconciles every running workflow with the task
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -92,7 +93,9 @@ class WorkflowEngine:
             self._wake.set()
 
     def _step_task_id(self, wf: WorkflowRecord, index: int) -> str:
-        return f"{wf.workflow_id.rpartition('@')[0] or wf.workflow_id}.{index}@{self.me}"
+        # unique per workflow id (caller-chosen ids may share any prefix), stable across restarts
+        digest = hashlib.sha256(wf.workflow_id.encode()).hexdigest()[:20]
+        return f"wf{digest}.{index}@{self.me}"
 
     def _advance(self, wf: WorkflowRecord) -> None:
         """Move one workflow forward: take finished steps, apply the failure policy, submit the
@@ -103,8 +106,13 @@ class WorkflowEngine:
         if submitted:
             records = self.q.store.get_many(submitted)
         for sid, st in wf.state.items():
+            if st.status != "submitted":
+                continue
             rec = records.get(st.task_id or "")
-            if st.status == "submitted" and rec is not None and rec.final:
+            if rec is None:  # its task was removed (queue_clear)
+                st.status, st.error = "cancelled", "the step's task was removed from the queue"
+                changed = True
+            elif rec.final:
                 st.status = {"completed": "completed", "cancelled": "cancelled"}.get(rec.status, "failed")
                 st.error = rec.error
                 changed = True
@@ -158,7 +166,7 @@ class WorkflowEngine:
                 continue
             task_id = self._step_task_id(wf, i)
             try:
-                self.broker.submit(
+                sub = self.broker.submit(
                     step.task_type, payload, task_id, step.priority if step.priority is not None else wf.priority,
                     [], list(dict.fromkeys([*wf.tags, *step.tags])), step.timeout_s or 300.0, step.retry_policy,
                     {"workflow_id": wf.workflow_id, "step_id": step.id}, 0, {},
@@ -172,6 +180,9 @@ class WorkflowEngine:
             st.status, st.task_id = "submitted", task_id
             self._by_task[task_id] = wf.workflow_id
             changed = True
+            if sub["status"] in ("completed", "failed", "cancelled", "dead_lettered"):
+                self._dirty.add(wf.workflow_id)  # already final (e.g. resumed after a crash): no hook will fire
+                self._wake.set()
         return changed
 
     def _stop_all(self, wf: WorkflowRecord, reason: str, force: bool = False) -> bool:
@@ -346,13 +357,23 @@ class WorkflowEngine:
 
     # ---- rpc handlers ------------------------------------------------------------------
     async def _rpc_submit(self, peer: str, p: Any) -> Any:
+        # a forwarded submit is checked again (parse_steps runs in _accept)
+        if not isinstance(p.get("name"), str) or p.get("failure_policy") not in FAILURE_POLICIES:
+            raise ArgumentError("name", "a workflow needs a name and failure_policy fail_fast or continue")
+        check_number("priority", p.get("priority"), -1e9, 1e9)
+        check_str_list("tags", p.get("tags") or [], max_items=20)
+        if not isinstance(p.get("metadata") or {}, dict):
+            raise ArgumentError("metadata", "must be an object")
         return self._accept(p)
 
     async def _rpc_status(self, peer: str, p: Any) -> Any:
         return self._status(p["workflow_id"], bool(p.get("include_steps", True)), bool(p.get("include_metrics")))
 
     async def _rpc_cancel(self, peer: str, p: Any) -> Any:
-        return self._cancel(p["workflow_id"], p.get("reason"), bool(p.get("force")))
+        reason = p.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise ArgumentError("reason", "must be a string of at most 1000 characters")
+        return self._cancel(p["workflow_id"], reason, bool(p.get("force")))
 
     async def _rpc_result(self, peer: str, p: Any) -> Any:
         wf_id = p["workflow_id"]
