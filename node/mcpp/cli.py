@@ -34,13 +34,23 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
                    help="per-tag limit of queued (Q) and running (R) tasks, e.g. batch=100/4 (repeatable)")
     p.add_argument("--handler", dest="handlers", metavar="NAME=module:function", action="append",
                    help="an extra task type (repeatable)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the MCP bearer token (or set MCPP_TOKEN); without one, MCP binds to loopback only")
+    p.add_argument("--protect-metrics", action="store_const", const=True,
+                   help="/metrics and /status need the token too")
+    p.add_argument("--swarm-key-file", metavar="FILE",
+                   help="libp2p private-network key (swarm.key format; or set MCPP_SWARM_KEY): nodes without it cannot connect")
+    p.add_argument("--allow-peers", metavar="PEER_ID", nargs="+", help="only these peers may connect")
+    p.add_argument("--max-inflight-per-peer", metavar="N", type=int,
+                   help="RPC requests one peer may have running here at once (64)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
 
 
 _NODE_KEYS = (
     "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport", "mcp_response",
     "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
-    "max_queued_tasks", "quotas", "handlers",
+    "max_queued_tasks", "quotas", "handlers", "token_file", "protect_metrics", "swarm_key_file", "allow_peers",
+    "max_inflight_per_peer",
 )
 
 
@@ -57,6 +67,38 @@ def _cmd_peer_id(args: argparse.Namespace) -> int:
     from mcpp import identity
 
     print(identity.peer_id_of(identity.load(args.file)))
+    return 0
+
+
+def _write_secret(text: str, out: str | None, force: bool) -> None:
+    if out is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    from pathlib import Path
+
+    from mcpp.errors import ArgumentError
+
+    path = Path(out)
+    if path.exists() and not force:
+        raise ArgumentError("--out", f"{out} exists (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    print(f"wrote {out} (mode 0600)", file=sys.stderr)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from mcpp.config import new_token
+
+    _write_secret(new_token(), args.out, args.force)
+    return 0
+
+
+def _cmd_swarm_key(args: argparse.Namespace) -> int:
+    from mcpp.config import new_swarm_key
+
+    _write_secret(new_swarm_key(), args.out, args.force)
     return 0
 
 
@@ -156,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peer-id", help="print the peer id of a key file")
     p.add_argument("file")
     p.set_defaults(fn=_cmd_peer_id)
+
+    p = sub.add_parser("token", help="print (or write with --out) a new MCP bearer token")
+    p.add_argument("--out", metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(fn=_cmd_token)
+
+    p = sub.add_parser("swarm-key", help="print (or write with --out) a new private-network key (swarm.key format)")
+    p.add_argument("--out", metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(fn=_cmd_swarm_key)
 
     p = sub.add_parser("seed", help="render the bootstrap multiaddr list for the harness, Compose or Kubernetes")
     p.add_argument("--seed", action="append", required=True, metavar="KEY_FILE:HOST:PORT",

@@ -24,6 +24,9 @@ __all__ = [
     "DEFAULT_WORKER_LISTEN",
     "DEFAULT_MCP_PORT",
     "SETTINGS",
+    "parse_swarm_key",
+    "new_swarm_key",
+    "new_token",
 ]
 
 ENV_PREFIX = "MCPP_"
@@ -63,6 +66,14 @@ class NodeConfig:
     max_queued_tasks: int = 100_000  # waiting (queued + blocked) tasks this node owns
     quotas: tuple[str, ...] = ()  # per tag: TAG=MAX_QUEUED/MAX_RUNNING, e.g. batch=100/4
     handlers: tuple[str, ...] = ()  # extra task types: NAME=module:function
+    # security (issue 8): secrets never appear in repr or logs
+    token: str | None = field(default=None, repr=False)  # MCP bearer token; None = MCP on loopback only
+    token_file: str | None = None  # a file holding the token (Compose/Kubernetes secrets)
+    protect_metrics: bool = False  # /metrics and /status need the token too
+    swarm_key: str | None = field(default=None, repr=False)  # 64 hex chars: libp2p private network (PSK)
+    swarm_key_file: str | None = None  # go-ipfs swarm.key format, or the 64 hex chars alone
+    allow_peers: tuple[str, ...] = ()  # if set, only these peer ids may connect (besides this node)
+    max_inflight_per_peer: int = 64  # RPC requests one peer may have running on this node at once
 
     @property
     def listen_addr(self) -> str:
@@ -100,6 +111,13 @@ SETTINGS: dict[str, str] = {
     "max_queued_tasks": "pos_int",
     "quotas": "list",
     "handlers": "list",
+    "token": "secret",
+    "token_file": "opt_str",
+    "protect_metrics": "bool",
+    "swarm_key": "secret",
+    "swarm_key_file": "opt_str",
+    "allow_peers": "list",
+    "max_inflight_per_peer": "pos_int",
 }
 
 
@@ -127,6 +145,19 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return value
     if kind == "list":
         return _coerce_list(where, value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(where, value, "expected true or false")
+    if kind == "secret":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(where, "***", "expected a non-empty string")
+        return value.strip()
     if kind.startswith("choice:"):
         options = kind.split(":", 1)[1].split("|")
         if value not in options:
@@ -214,4 +245,56 @@ def load_config(
         ev = env.get(ENV_PREFIX + k.upper())
         if ev is not None and ev != "":
             merged[k] = _coerce(k, ev, ENV_PREFIX + k.upper())
+    if not merged.get("token") and merged.get("token_file"):
+        merged["token"] = _read_secret("token_file", merged["token_file"])
+    if not merged.get("swarm_key") and merged.get("swarm_key_file"):
+        merged["swarm_key"] = _read_secret("swarm_key_file", merged["swarm_key_file"])
+    if merged.get("swarm_key"):
+        merged["swarm_key"] = parse_swarm_key(merged["swarm_key"], "swarm_key")
+    if merged.get("token") and len(merged["token"]) < 16:
+        raise ConfigError("token", "***", "too short: use at least 16 characters (mcpp token prints a good one)")
     return NodeConfig(**merged)
+
+
+def _read_secret(name: str, path: str) -> str:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(name, path, f"cannot read: {e.strerror}") from e
+    if not text:
+        raise ConfigError(name, path, "the file is empty")
+    return text
+
+
+def parse_swarm_key(text: str, where: str = "swarm_key") -> str:
+    """The 64 hex characters of a PSK, from either the bare hex or the go-ipfs `swarm.key`
+    format (`/key/swarm/psk/1.0.0/`, `/base16/`, hex)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) == 3 and lines[0] == "/key/swarm/psk/1.0.0/":
+        if lines[1] != "/base16/":
+            raise ConfigError(where, "***", f"unsupported encoding {lines[1]!r} (only /base16/)")
+        hex_key = lines[2]
+    elif len(lines) == 1:
+        hex_key = lines[0]
+    else:
+        raise ConfigError(where, "***", "expected 64 hex characters or a swarm.key file")
+    try:
+        raw = bytes.fromhex(hex_key)
+    except ValueError:
+        raise ConfigError(where, "***", "not hexadecimal") from None
+    if len(raw) != 32:
+        raise ConfigError(where, "***", f"a swarm key is 32 bytes (64 hex characters), got {len(raw)} bytes")
+    return raw.hex()
+
+
+def new_swarm_key() -> str:
+    """A fresh swarm key in the go-ipfs `swarm.key` format."""
+    import secrets
+
+    return "/key/swarm/psk/1.0.0/\n/base16/\n" + secrets.token_hex(32) + "\n"
+
+
+def new_token() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)

@@ -3,6 +3,7 @@
 MCPPError
 ├── ConfigError(field, value)          a setting is invalid; `field` is its dotted name
 ├── ArgumentError(argument, reason)    a caller (MCP tool, CLI) passed a bad argument
+│   └── PayloadTooLarge                over max_payload_bytes (counted as a limit hit)
 ├── IdentityError(path)                an identity key file cannot be read or written
 ├── PeerError(peer_id)                 something about one remote peer
 │   ├── PeerUnreachable                we could not dial it / it is not connected
@@ -42,6 +43,7 @@ __all__ = [
     "QueueError",
     "TaskNotFound",
     "QuotaExceeded",
+    "PayloadTooLarge",
     "OwnerError",
     "WorkflowError",
     "CycleError",
@@ -135,7 +137,14 @@ class TaskNotFound(QueueError, ArgumentError):
 class QuotaExceeded(QueueError):
     def __init__(self, quota: str, reason: str) -> None:
         self.quota = quota
+        self.limit = quota  # counted in /metrics as mcpp_limit_hits_total{limit=...}
         super().__init__(f"quota {quota} exceeded: {reason}")
+
+
+class PayloadTooLarge(ArgumentError):
+    """A payload or result over max_payload_bytes; the message names the argument."""
+
+    limit = "max_payload_bytes"
 
 
 class OwnerError(QueueError):

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -91,10 +92,10 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def node_status(base_url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+def node_status(base_url: str, timeout_s: float = 1.0, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
     """GET /status of a node, or None if it does not answer."""
     try:
-        r = httpx.get(base_url + "/status", timeout=timeout_s)
+        r = httpx.get(base_url + "/status", timeout=timeout_s, headers=headers)
         if r.status_code == 200:
             data = r.json()
             return data if isinstance(data, dict) else None
@@ -103,10 +104,10 @@ def node_status(base_url: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     return None
 
 
-def poll_statuses(base_urls: list[str]) -> list[dict[str, Any] | None]:
+def poll_statuses(base_urls: list[str], headers: dict[str, str] | None = None) -> list[dict[str, Any] | None]:
     """GET /status of many nodes at once (a busy node must not delay the others' polls)."""
     with ThreadPoolExecutor(max_workers=min(32, max(1, len(base_urls)))) as pool:
-        return list(pool.map(lambda u: node_status(u, 2.0), base_urls))
+        return list(pool.map(lambda u: node_status(u, 2.0, headers), base_urls))
 
 
 def _die_with_parent() -> None:
@@ -260,7 +261,7 @@ class _ClusterCommon:
         last: dict[str, int] = {}
         while True:
             done = 0
-            for r, st in zip(live, poll_statuses([r.base_url for r in live])):
+            for r, st in zip(live, poll_statuses([r.base_url for r in live], self.headers())):
                 seen = set(st.get("connected", [])) & ids if st else set()
                 last[r.name] = len(seen)
                 if len(seen) >= want and st and st.get("ready"):
@@ -279,6 +280,27 @@ class _ClusterCommon:
                 )
             time.sleep(POLL_S)
 
+    # ---- secrets (issue 8): a token for MCP, a swarm key for the mesh ----------------------
+    token: str | None = None
+    swarm_key: str | None = None  # 64 hex characters
+    secure: bool = True
+
+    def _init_secrets(self) -> None:
+        """Generate what was not given (once: restarts reuse them); secure=False runs open nodes."""
+        from mcpp.config import new_token, parse_swarm_key
+
+        if not self.secure:
+            return
+        if self.token is None:
+            self.token = new_token()
+        if self.swarm_key is None:
+            self.swarm_key = secrets.token_hex(32)
+        self.swarm_key = parse_swarm_key(self.swarm_key, "swarm_key")
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers a client of this cluster's MCP endpoints sends."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def record(self, name: str) -> NodeRecord:
         for r in self.nodes:
             if r.name == name:
@@ -294,12 +316,17 @@ class _ClusterCommon:
             "formed_in_s": round(self.formed_in_s, 3),
             "up_in_s": round(self.up_in_s, 3),
             "harness_pid": os.getpid(),
+            "token": self.token,
+            "private_network": self.swarm_key is not None,
             "nodes": [asdict(r) for r in self.nodes],
         }
 
     def write_cluster_file(self) -> None:
+        """cluster.json holds the token: it is written 0600, like a key file."""
         tmp = self.cluster_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.to_json(), indent=2))
         os.replace(tmp, self.cluster_file())
 
 
@@ -326,6 +353,9 @@ class ProcessCluster(_ClusterCommon):
     formation_timeout_s: float = 60.0
     progress: ProgressFn | None = None
     fork_server: bool = True  # fork nodes from a pre-imported server (False: exec each node cold)
+    token: str | None = None  # MCP bearer token; generated unless secure=False
+    swarm_key: str | None = None  # private-network key (64 hex); generated unless secure=False
+    secure: bool = True
     nodes: list[NodeRecord] = field(default_factory=list)
     formed_in_s: float = 0.0
     up_in_s: float = 0.0  # until every node's endpoint answered (process start-up included)
@@ -359,6 +389,7 @@ class ProcessCluster(_ClusterCommon):
             identity.save(identity.generate(), boot_key)
         boot_id = identity.peer_id_of(identity.load(boot_key))
         boot_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{boot_id}"
+        secret_args = self._write_secrets()
         t0 = time.monotonic()
         for i in range(self.size):
             name = f"node-{i}"
@@ -372,6 +403,7 @@ class ProcessCluster(_ClusterCommon):
                 "--mcp-host", "127.0.0.1",
                 "--mcp-port", str(mcp_port),
                 "--data-dir", str(d / "data" / name),
+                *secret_args,
                 *self.node_args,
             ]
             if role == "worker":
@@ -383,6 +415,22 @@ class ProcessCluster(_ClusterCommon):
         self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
         self.write_cluster_file()
         return self.nodes
+
+    def _write_secrets(self) -> list[str]:
+        """Token and swarm key as 0600 files (never on a command line); the node flags to read them."""
+        self._init_secrets()
+        args: list[str] = []
+        sd = self.directory / "secrets"
+        for value, fname, flag in ((self.token, "token", "--token-file"),
+                                   (self.swarm_key, "swarm.key", "--swarm-key-file")):
+            if value is None:
+                continue
+            sd.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(sd / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(value + "\n")
+            args += [flag, str(sd / fname)]
+        return args
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}
@@ -424,7 +472,7 @@ class ProcessCluster(_ClusterCommon):
                 assert proc.popen is not None
                 if proc.popen.poll() is not None:
                     raise NodeStartError(name, f"exited with code {proc.popen.returncode}", self.logs(name))
-            statuses = poll_statuses([self._base(self._procs[n]) for n in pending])
+            statuses = poll_statuses([self._base(self._procs[n]) for n in pending], self.headers())
             for name, st in zip(pending, statuses):
                 proc = self._procs[name]
                 assert proc.popen is not None
@@ -509,10 +557,13 @@ def local_cluster(
     node_args: Sequence[str] = (),
     formation_timeout_s: float = 60.0,
     progress: ProgressFn | None = None,
+    secure: bool = True,
 ) -> Iterator[ProcessCluster]:
-    """A formed N-node mesh of local processes; everything is stopped on exit."""
+    """A formed N-node mesh of local processes (with a token and a swarm key unless
+    secure=False); everything is stopped on exit."""
     with ProcessCluster(
-        nodes, Path(directory), base_port, node_args, formation_timeout_s=formation_timeout_s, progress=progress
+        nodes, Path(directory), base_port, node_args, formation_timeout_s=formation_timeout_s, progress=progress,
+        secure=secure,
     ) as c:
         yield c
 

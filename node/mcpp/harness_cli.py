@@ -22,12 +22,13 @@ __all__ = ["run", "nodes_table"]
 console = Console(stderr=False)
 
 
-def nodes_table(nodes: list[dict[str, Any]], live: bool = True) -> Table:
+def nodes_table(nodes: list[dict[str, Any]], live: bool = True, token: str | None = None) -> Table:
     t = Table(title="mcpp mesh")
     for col in ("name", "role", "peer id", "libp2p", "mcp url", "pid", "peers", "state"):
         t.add_column(col)
     for n in nodes:
-        st = node_status(n["mcp_url"].rsplit("/mcp", 1)[0], 1.0) if live else None
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        st = node_status(n["mcp_url"].rsplit("/mcp", 1)[0], 1.0, headers) if live else None
         peers = str(len(st["connected"])) if st else "-"
         state = ("ready" if st.get("ready") else "joining") if st else "down"
         addr = n["multiaddrs"][0].split("/p2p/")[0] if n["multiaddrs"] else "-"
@@ -69,11 +70,19 @@ def _up(args: argparse.Namespace) -> int:
             with cluster:
                 progress.stop()
                 data = cluster.to_json()
-                console.print(nodes_table(data["nodes"]))
+                console.print(nodes_table(data["nodes"], token=cluster.token))
                 console.print(
                     f"mesh of {args.nodes} formed in [bold]{cluster.formed_in_s:.2f} s[/]; "
                     f"wrote {cluster.cluster_file()}; Ctrl-C or `mcpp cluster down --dir {args.dir}` stops it"
                 )
+                if cluster.token:
+                    console.print(
+                        "MCP needs the cluster's bearer token (in cluster.json, key [bold]token[/]; the mesh is a "
+                        "private network keyed by a generated swarm key):\n"
+                        f"  export MCPP_TOKEN=$(python3 -c \"import json;print(json.load(open('{cluster.cluster_file()}'))['token'])\")\n"
+                        f"  mcpp task submit echo '{{\"hi\": 1}}' --url {data['nodes'][0]['mcp_url']}\n"
+                        "  (any MCP client: header 'Authorization: Bearer $MCPP_TOKEN')", markup=True, highlight=False,
+                    )
                 while True:
                     time.sleep(3600)
     except _Stop as e:
@@ -87,7 +96,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     data = read_cluster_file(args.dir)
-    console.print(nodes_table(data["nodes"]))
+    console.print(nodes_table(data["nodes"], token=data.get("token")))
     console.print(f"formed in {data['formed_in_s']} s; harness pid {data.get('harness_pid')}")
     return 0
 

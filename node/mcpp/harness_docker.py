@@ -85,6 +85,9 @@ class DockerCluster(_ClusterCommon):
     formed_in_s: float = 0.0
     up_in_s: float = 0.0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    token: str | None = None  # MCP bearer token; generated unless secure=False
+    swarm_key: str | None = None  # private-network key (64 hex); generated unless secure=False
+    secure: bool = True
     _containers: dict[str, Any] = field(default_factory=dict)
     _roles: dict[str, str] = field(default_factory=dict)
     _ports: dict[str, int] = field(default_factory=dict)
@@ -120,6 +123,7 @@ class DockerCluster(_ClusterCommon):
         if not boot_key.exists():
             identity.save(identity.generate(), boot_key)
         boot_id = identity.peer_id_of(identity.load(boot_key))
+        self._init_secrets()
         self._network = Network(docker_network_kw={"labels": self._labels()}).create()
         ports = free_ports(self.size)
         t0 = time.monotonic()
@@ -133,6 +137,10 @@ class DockerCluster(_ClusterCommon):
                  .with_env("MCPP_ROLE", role)
                  .with_env("MCPP_ALLOWED_HOSTS", name)
                  .with_kwargs(labels=self._labels(), hostname=name))
+            if self.token:
+                c.with_env("MCPP_TOKEN", self.token)
+            if self.swarm_key:
+                c.with_env("MCPP_SWARM_KEY", self.swarm_key)
             for k, v in (self.env or {}).items():
                 c.with_env(k, v)
             if i == 0:
@@ -164,7 +172,7 @@ class DockerCluster(_ClusterCommon):
             for name in pending:
                 if self._state(name) in ("exited", "dead"):
                     raise NodeStartError(name, "its container exited", self.logs(name))
-            for name, st in zip(pending, poll_statuses([self._base(n) for n in pending])):
+            for name, st in zip(pending, poll_statuses([self._base(n) for n in pending], self.headers())):
                 if st is not None:
                     records[name] = NodeRecord(name=name, role=self._roles[name], peer_id=st["peer_id"],
                                                multiaddrs=st["multiaddrs"], mcp_url=self._base(name) + "/mcp",

@@ -1,14 +1,23 @@
-"""A small MCP client for mcpp nodes (streamable HTTP), used by the demo, bench and tests."""
+"""A small MCP client for mcpp nodes (streamable HTTP), used by the demo, bench, CLI and tests.
+
+`open_client(url, token)` is the one way mcpp opens a session: with a token it sends
+`Authorization: Bearer <token>` on every request (nodes with a token refuse anything else).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
-__all__ = ["call_tool", "ToolCallError", "open_client", "structured"]
+__all__ = ["call_tool", "ToolCallError", "open_client", "structured", "auth_headers", "token_from_env"]
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -17,8 +26,34 @@ class ToolCallError(Exception):
     """The tool answered with isError: true; the message is the tool's."""
 
 
-def open_client(url: str) -> Client:
-    return Client(url)
+def token_from_env() -> str | None:
+    """MCPP_TOKEN, or the contents of MCPP_TOKEN_FILE (what `mcpp task/workflow` use by default)."""
+    token = os.environ.get("MCPP_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("MCPP_TOKEN_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@contextlib.asynccontextmanager
+async def _authed(url: str, token: str) -> AsyncIterator[Any]:
+    async with create_mcp_http_client(headers=auth_headers(token)) as http:
+        async with streamable_http_client(url, http_client=http) as streams:
+            yield streams
+
+
+def open_client(url: str, token: str | None = None) -> Client:
+    """An MCP session to a node (use as `async with`); token: the node's bearer token, if any."""
+    if not token:
+        return Client(url)
+    return Client(_authed(url, token))
 
 
 def structured(result: Any) -> dict[str, Any]:
@@ -30,8 +65,8 @@ def structured(result: Any) -> dict[str, Any]:
     return dict(json.loads(result.content[0].text))
 
 
-async def call_tool(url: str, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+async def call_tool(url: str, name: str, arguments: dict[str, Any] | None = None, token: str | None = None) -> dict[str, Any]:
     """One call in a fresh session; raises ToolCallError for isError results."""
-    async with Client(url) as c:
+    async with open_client(url, token) as c:
         result = await c.call_tool(name, arguments or {})
     return structured(result)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +67,9 @@ def _instrument(node: Node, fn: F) -> F:
             outcome = "ok"
             return result
         except MCPPError as e:
+            limit = getattr(e, "limit", None)
+            if isinstance(limit, str):
+                node.metrics.limit_hit(limit)
             raise ToolError(str(e)) from e
         except ToolError:
             raise
@@ -406,14 +411,70 @@ def _security(node: Node) -> TransportSecuritySettings:
     )
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+OPEN_PATHS = ("/healthz", "/readyz")  # probes never need the token
+
+
+class BearerAuth:
+    """ASGI middleware: requests to /mcp (and /metrics, /status with protect_metrics) need
+    `Authorization: Bearer <token>`; otherwise 401 with a JSON body that says what is missing.
+    Tokens are compared in constant time."""
+
+    def __init__(self, app: Any, token: str, protect_metrics: bool, on_fail: Callable[[str], None]) -> None:
+        self.app = app
+        self._expected = b"Bearer " + token.encode()
+        self._protected = ("/mcp", "/metrics", "/status") if protect_metrics else ("/mcp",)
+        self._on_fail = on_fail
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope.get("type") == "http" else ""
+        if path and path not in OPEN_PATHS and path.startswith(self._protected):
+            got = b""
+            for k, v in scope.get("headers", ()):
+                if k.lower() == b"authorization":
+                    got = v
+                    break
+            if not hmac.compare_digest(got, self._expected):
+                self._on_fail(path.split("/")[1] if "/" in path else path)
+                reason = "missing" if not got else "wrong"
+                body = json.dumps({"error": "unauthorized", "message":
+                                   f"Authorization: {reason} bearer token (send 'Authorization: Bearer <token>'; "
+                                   "the harness records it as token in cluster.json)"}).encode()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="mcpp"'),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def mcp_bind_host(config: Any) -> str:
+    """Where MCP listens: the configured host, or loopback when no token is configured."""
+    if config.token or config.mcp_host in LOOPBACK_HOSTS:
+        return str(config.mcp_host)
+    return "127.0.0.1"
+
+
 async def serve_http(
     node: Node, server: MCPServer, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve streamable HTTP at /mcp (JSON responses, or SSE with mcp_response=sse) until cancelled;
-    reports the URL."""
-    app = server.streamable_http_app(json_response=node.config.mcp_response == "json", transport_security=_security(node), host=node.config.mcp_host)
+    reports the URL. With a token configured every /mcp request needs it; without one MCP binds to
+    loopback only, whatever mcp_host says."""
+    cfgn = node.config
+    host = mcp_bind_host(cfgn)
+    if not cfgn.token and host != cfgn.mcp_host:
+        log.warning("no token configured (MCPP_TOKEN / token_file): MCP bound to loopback only, not to "
+                    f"{cfgn.mcp_host}", extra=kv(mcp_host=host, asked=cfgn.mcp_host))
+    elif not cfgn.token:
+        log.info("no token configured: MCP is open to local clients only", extra=kv(mcp_host=host))
+    else:
+        log.info("MCP requires a bearer token", extra=kv(mcp_host=host, protect_metrics=cfgn.protect_metrics))
+    app: Any = server.streamable_http_app(json_response=cfgn.mcp_response == "json", transport_security=_security(node), host=host)
+    if cfgn.token:
+        app = BearerAuth(app, cfgn.token, cfgn.protect_metrics, lambda p: node.metrics.auth_failures.labels(p).inc())
     cfg = HyperConfig()
-    cfg.bind = [f"{node.config.mcp_host}:{node.config.mcp_port}"]
+    cfg.bind = [f"{host}:{cfgn.mcp_port}"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
     cfg.graceful_timeout = 1.0
@@ -424,7 +485,7 @@ async def serve_http(
     async with trio.open_nursery() as nursery:
         bound: list[str] = await nursery.start(_serve)
         base = bound[0]
-        if node.config.mcp_host in ("0.0.0.0", "::"):
+        if host in ("0.0.0.0", "::"):
             base = base.replace("0.0.0.0", "127.0.0.1")
         node.mcp_url = base + "/mcp"
         log.info("mcp http serving", extra=kv(url=node.mcp_url))

@@ -24,6 +24,15 @@ class NodeMetrics:
             "mcpp_tool_latency_seconds", "MCP tool call latency", ["tool"], buckets=_LAT_BUCKETS, registry=r
         )
         self.ready = Gauge("mcpp_ready", "1 once the node has joined the mesh", registry=r)
+        self.limit_hits = Counter(
+            "mcpp_limit_hits", "Requests refused by a configured limit (the label names it)", ["limit"], registry=r
+        )
+        self.auth_failures = Counter(
+            "mcpp_auth_failures", "HTTP requests refused for a missing or wrong bearer token", ["path"], registry=r
+        )
+        self.peers_refused = Counter(
+            "mcpp_peers_refused", "Connections or streams refused: peer not in allow_peers", registry=r
+        )
 
     def observe_rpc(self, peer_id: str, method: str, outcome: str, seconds: float) -> None:
         self.rpc_calls.labels(method, outcome).inc()
@@ -32,6 +41,9 @@ class NodeMetrics:
     def observe_tool(self, tool: str, outcome: str, seconds: float) -> None:
         self.tool_calls.labels(tool, outcome).inc()
         self.tool_latency.labels(tool).observe(seconds)
+
+    def limit_hit(self, limit: str) -> None:
+        self.limit_hits.labels(limit).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -96,7 +96,14 @@ class Node:
         self.peer_id: str = host.get_id().to_base58()
         self.role = config.role
         self.table = PeerTable()
-        self.rpc = RpcEndpoint(host, config.max_message_bytes, config.rpc_timeout_s, metrics.observe_rpc)
+        self._allowed = frozenset(config.allow_peers) | {self.peer_id} if config.allow_peers else None
+        self._refusing: set[str] = set()
+        self.rpc = RpcEndpoint(
+            host, config.max_message_bytes, config.rpc_timeout_s, metrics.observe_rpc,
+            max_inflight_per_peer=config.max_inflight_per_peer,
+            allow=self.peer_allowed if self._allowed is not None else None,
+            on_limit=metrics.limit_hit,
+        )
         # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
         # a truer RTT; echo is the same work through the normal task-per-request path
         self.rpc.register("ping", self._on_ping, inline=True)
@@ -346,6 +353,8 @@ class Node:
         """A peer found through the DHT: remember it and dial it unless known-dead or backed off."""
         if peer_id == self.peer_id or peer_id in self._dialing or self._in_backoff(peer_id):
             return
+        if not self.peer_allowed(peer_id):
+            return
         rec = self.table.get(peer_id)
         if rec is not None and rec.connected:
             return
@@ -363,11 +372,30 @@ class Node:
         # (a gone peer is re-dialed quietly, at most every GONE_REDIAL_S: see _lost)
         self._spawn(self._background_dial, peer_id, addrs, source)
 
+    def peer_allowed(self, peer_id: str) -> bool:
+        """allow_peers unset: everyone who holds the swarm key (if any); set: only those ids."""
+        return self._allowed is None or peer_id in self._allowed
+
+    async def _refuse(self, peer_id: str) -> None:
+        self.metrics.peers_refused.inc()
+        log.warning("connection refused: peer not in allow_peers", extra=kv(peer=peer_id))
+        self._refusing.add(peer_id)
+        try:
+            with trio.move_on_after(2), contextlib.suppress(Exception):
+                await self.host.get_network().close_peer(ID.from_base58(peer_id))
+        finally:
+            self._refusing.discard(peer_id)
+
     # ---- loops -------------------------------------------------------------------------
     async def _watch_loop(self) -> None:
         """Connection changes -> table, within ~0.1 s of libp2p noticing them."""
         while True:
             live = self._live_peer_ids()
+            if self._allowed is not None:
+                for pid in [p for p in live if not self.peer_allowed(p)]:
+                    live.discard(pid)
+                    if pid not in self._refusing:
+                        self._spawn(self._refuse, pid)
             for pid in live:
                 rec = self.table.get(pid)
                 if (rec is None or not rec.hello_done) and pid not in self._hello_inflight:
@@ -890,7 +918,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     parse_quotas(config.quotas)
     kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
-    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr))
+    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key)
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):

@@ -49,8 +49,14 @@ logging.getLogger("libp2p").addHandler(logging.NullHandler())
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
-def make_host(key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...] = ()) -> IHost:
+def make_host(
+    key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...] = (), psk: str | None = None
+) -> IHost:
     """A host that speaks only Noise, with one connection per peer.
+
+    With `psk` (64 hex characters) the host is in a libp2p private network: every connection is
+    first wrapped in XSalsa20 keyed by the PSK (pnet), so a peer without the key cannot complete
+    even the Noise handshake.
 
     Nodes always use yamux. py-libp2p 0.8's mplex guards each stream with a read/write lock
     (a reader blocked in read() stalls every write on that stream, so full-duplex RPC deadlocks)
@@ -70,6 +76,7 @@ def make_host(key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...]
             max_connections_per_peer=1, dial_timeout=5.0, min_connections=0, low_watermark=0
         ),
         announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
+        psk=psk,
     )
 
 

@@ -158,6 +158,10 @@ class RpcEndpoint:
         max_message_bytes: int,
         default_timeout_s: float,
         on_call: Callable[[str, str, str, float], None] | None = None,
+        *,
+        max_inflight_per_peer: int = MAX_IN_FLIGHT_PER_STREAM,
+        allow: Callable[[str], bool] | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self._host = host
         self._max = max_message_bytes
@@ -169,6 +173,10 @@ class RpcEndpoint:
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
         self._on_call = on_call
+        self._allow = allow
+        self._on_limit = on_limit or (lambda limit: None)
+        self._max_inflight_per_peer = max_inflight_per_peer
+        self._peer_limits: dict[str, trio.Semaphore] = {}
         self.traffic: dict[str, PeerTraffic] = {}
 
     # ---- setup -------------------------------------------------------------------------
@@ -200,6 +208,9 @@ class RpcEndpoint:
             if self._nursery is not None:
                 self._nursery.start_soon(_reset_quietly, ch.stream)
         self._open_locks.pop(peer_id, None)
+        sem = self._peer_limits.get(peer_id)
+        if sem is not None and sem.value == self._max_inflight_per_peer:  # idle: safe to drop
+            del self._peer_limits[peer_id]
 
     # ---- client ------------------------------------------------------------------------
     async def call(self, peer_id: str, method: str, params: Any = None, timeout_s: float | None = None) -> Any:
@@ -329,9 +340,17 @@ class RpcEndpoint:
     # ---- server ------------------------------------------------------------------------
     async def _serve_stream(self, stream: INetStream) -> None:
         peer_id = stream_peer_id(stream)
+        if self._allow is not None and not self._allow(peer_id):
+            log.warning("rpc stream refused: peer not allowed", extra=kv(peer=peer_id))
+            self._on_limit("allow_peers")
+            await _reset_quietly(stream)
+            return
         reader = FrameReader(_read_fn(stream), self._max)
         write_lock = trio.Lock()
-        limit = trio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+        # one bound per peer, shared by all its streams: a peer cannot get around it by opening more
+        limit = self._peer_limits.get(peer_id)
+        if limit is None:
+            limit = self._peer_limits[peer_id] = trio.Semaphore(self._max_inflight_per_peer)
         traffic = self.traffic_of(peer_id)
         bad = False
         try:
@@ -341,6 +360,8 @@ class RpcEndpoint:
                         got = await reader.next_frame()
                     except (FrameError, StreamBroken) as e:
                         log.warning("rpc stream reset", extra=kv(peer=peer_id, reason=str(e)))
+                        if isinstance(e, FrameError):
+                            self._on_limit("rpc_frame")
                         bad = True
                         nursery.cancel_scope.cancel()  # a desynchronised stream: drop its requests
                         break
@@ -349,6 +370,8 @@ class RpcEndpoint:
                     msg, size = got
                     traffic.bytes_in += size
                     traffic.last_in = time.time()
+                    if limit.value == 0:
+                        self._on_limit("max_inflight_per_peer")  # back-pressure: stop reading
                     await limit.acquire()
                     if isinstance(msg, dict) and msg.get("m") in self._inline:
                         # never blocks (see register): answered without spawning a task
@@ -384,6 +407,8 @@ class RpcEndpoint:
                         result = await handler(peer_id, msg.get("p"))
                         reply = {"i": rid, "r": result}
                     except MCPPError as e:
+                        if isinstance(getattr(e, "limit", None), str):
+                            self._on_limit(e.limit)  # type: ignore[attr-defined]
                         reply = {"i": rid, "e": {"c": type(e).__name__, "m": str(e)}}
                     except Exception as e:
                         log.exception("rpc handler failed", extra=kv(method=msg["m"], peer=peer_id))

@@ -66,14 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("task_id")
 
 
-def _url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url)
-    if os.environ.get("MCPP_URL"):
-        return os.environ["MCPP_URL"]
+def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The node's MCP URL and bearer token: --url / $MCPP_URL / node-0 of .cluster/cluster.json;
+    the token from $MCPP_TOKEN / $MCPP_TOKEN_FILE, else from .cluster/cluster.json."""
+    from mcpp.mcp_client import token_from_env
+
     f = Path(".cluster") / "cluster.json"
-    if f.exists():
-        return str(json.loads(f.read_text())["nodes"][0]["mcp_url"])
+    cluster = json.loads(f.read_text()) if f.exists() else None
+    token = token_from_env() or (cluster or {}).get("token")
+    if args.url:
+        return str(args.url), token
+    if os.environ.get("MCPP_URL"):
+        return os.environ["MCPP_URL"], token
+    if cluster is not None:
+        return str(cluster["nodes"][0]["mcp_url"]), token
     raise ArgumentError("--url", "give a node's MCP URL (or set MCPP_URL, or run `mcpp cluster up` here)")
 
 
@@ -104,13 +110,13 @@ def _calls(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return [("task_retry", {"task_id": args.task_id})]
 
 
-async def _run(url: str, calls: list[tuple[str, dict[str, Any]]], then_wait: bool) -> list[Any]:
+async def _run(url: str, token: str | None, calls: list[tuple[str, dict[str, Any]]], then_wait: bool) -> list[Any]:
     """The raw results, stopping at the first error (raising inside the session would arrive
     wrapped in an exception group)."""
-    from mcp import Client
+    from mcpp.mcp_client import open_client
 
     out: list[Any] = []
-    async with Client(url) as c:
+    async with open_client(url, token) as c:
         for name, a in calls:
             out.append(await c.call_tool(name, a))
             if out[-1].is_error:
@@ -124,9 +130,9 @@ async def _run(url: str, calls: list[tuple[str, dict[str, Any]]], then_wait: boo
 def run(args: argparse.Namespace) -> int:
     from mcpp.mcp_client import ToolCallError, structured
 
-    url = _url(args)
+    url, token = _endpoint(args)
     try:
-        raw = trio.run(_run, url, _calls(args), bool(getattr(args, "wait", False)) and args.task_command == "submit")
+        raw = trio.run(_run, url, token, _calls(args), bool(getattr(args, "wait", False)) and args.task_command == "submit")
     except (OSError, BaseExceptionGroup) as e:
         print(f"mcpp: error: cannot talk to {url}: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mcpp.errors import ArgumentError
-from mcpp.task_cli import _url
+from mcpp.task_cli import _endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -61,15 +61,15 @@ class _Failed(Exception):
         super().__init__(message)
 
 
-async def _run(url: str, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    from mcp import Client
+async def _run(url: str, token: str | None, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    from mcpp.mcp_client import open_client
 
     def check(r: Any) -> dict[str, Any]:
         if r.is_error:
             raise _Failed(" ".join(getattr(c, "text", "") for c in r.content))
         return dict(r.structured_content)
 
-    async with Client(url) as c:
+    async with open_client(url, token) as c:
         cmd = args.workflow_command
         if cmd == "status":
             return check(await c.call_tool("workflow_status", {"workflow_id": args.workflow_id})), 0
@@ -109,9 +109,9 @@ async def _run(url: str, args: argparse.Namespace) -> tuple[dict[str, Any], int]
 
 
 def run(args: argparse.Namespace) -> int:
-    url = _url(args)
+    url, token = _endpoint(args)
     try:
-        out, code = trio.run(_run, url, args)
+        out, code = trio.run(_run, url, token, args)
     except _Failed as e:
         print(f"mcpp: error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from sortedcontainers import SortedList
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-from mcpp.errors import ArgumentError, MCPPError, QueueError, QuotaExceeded, TaskNotFound
+from mcpp.errors import ArgumentError, MCPPError, PayloadTooLarge, QueueError, QuotaExceeded, TaskNotFound
 from mcpp.log import kv
 from mcpp.queue.model import (
     FINAL,
@@ -902,7 +902,7 @@ def check_submit(task_type: Any, payload: Any, task_id: Any, priority: Any, depe
         raise ArgumentError("task_type", "must be a non-empty string")
     size = json_size("payload", payload)
     if size > max_payload_bytes:
-        raise ArgumentError("payload", f"{size} bytes is over the limit of {max_payload_bytes} (max_payload_bytes)")
+        raise PayloadTooLarge("payload", f"{size} bytes is over the limit of {max_payload_bytes} (max_payload_bytes)")
     if task_id is not None:
         check_task_id(task_id)
     check_number("priority", priority, -1e9, 1e9)
