@@ -31,15 +31,17 @@ DIAMOND = [
 ]
 
 
-def _node_urls() -> list[str]:
+def _cluster() -> tuple[list[str], str | None]:
+    """The nodes' MCP URLs and the bearer token, from cluster.json (MCPP_TOKEN overrides the token)."""
     path = os.environ.get("MCPP_CLUSTER_FILE")
-    if not path:
-        return []
-    with open(path) as f:
-        return [n["mcp_url"] for n in json.load(f)["nodes"]]
+    data: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            data = json.load(f)
+    return [n["mcp_url"] for n in data.get("nodes", [])], os.environ.get("MCPP_TOKEN") or data.get("token")
 
 
-NODES = _node_urls()
+NODES, TOKEN = _cluster()
 _next = itertools.count()
 
 
@@ -68,6 +70,8 @@ class McpUser(FastHttpUser):
                    "mcp-protocol-version": PROTOCOL}
         if self.session_id:
             headers["mcp-session-id"] = self.session_id
+        if TOKEN:
+            headers["authorization"] = f"Bearer {TOKEN}"
         with self.client.post(self.path, json=body, headers=headers, name=name, catch_response=True) as r:
             if r.status_code not in (200, 202):
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")

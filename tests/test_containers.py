@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ import docker
 import httpx
 import pytest
 
-from conftest import call, wait_until
+from conftest import TOKEN, call, wait_until
+from mcpp.config import new_swarm_key
 from mcpp.harness import free_ports, read_cluster_file
 from mcpp.harness_docker import DockerCluster, reap
 from mcpp.image import IMAGE_TAG, ImageBuild, build_image
@@ -46,7 +48,7 @@ def node_image() -> ImageBuild:
 
 @pytest.fixture(scope="module")
 def dc(node_image: ImageBuild, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerCluster]:
-    with DockerCluster(4, tmp_path_factory.mktemp("dc4"), env={"MCPP_LEASE_S": "1.5"}) as c:
+    with DockerCluster(4, tmp_path_factory.mktemp("dc4"), env={"MCPP_LEASE_S": "1.5"}, token=TOKEN) as c:
         yield c
 
 
@@ -211,7 +213,14 @@ def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild) -> N
     port = free_ports(1)[0]
     project = f"mcpptest{os.getpid()}"
     cmd = [*_compose(), "-f", str(REPO / "compose" / "docker-compose.yml"), "-p", project]
-    env = {**os.environ, "MCPP_MCP_PORT": str(port)}
+    secrets_dir = Path(tempfile.mkdtemp(prefix="mcpp-compose-"))
+    token_file, key_file = secrets_dir / "mcp-token", secrets_dir / "swarm.key"
+    token_file.write_text(TOKEN + "\n")
+    key_file.write_text(new_swarm_key())
+    for f in (secrets_dir, token_file, key_file):  # the containers run as uid 10001
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    env = {**os.environ, "MCPP_MCP_PORT": str(port), "MCPP_TOKEN_FILE": str(token_file),
+           "MCPP_SWARM_KEY_FILE": str(key_file)}
     up = subprocess.run([*cmd, "up", "-d", "--scale", "worker=3"], env=env, capture_output=True, text=True, timeout=180)
     try:
         assert up.returncode == 0, up.stderr
@@ -224,6 +233,9 @@ def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild) -> N
                 return False
 
         wait_until(formed, 60, 0.5)
+        refused = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                             headers={"accept": "application/json, text/event-stream"})
+        assert refused.status_code == 401, "the compose mesh takes its token from the secret"
         boot = httpx.get(f"http://127.0.0.1:{port}/status").json()
         assert boot["peer_id"] == "12D3KooWGUb9VYUzNFjsNFBiCGx2NkFm9K3pevwbAFomgeohoDMY", "the committed dev identity"
         call(url, "worker_register", {"capabilities": ["sleep"]})
@@ -236,6 +248,7 @@ def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild) -> N
     finally:
         down = subprocess.run([*cmd, "down", "-v"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
+        shutil.rmtree(secrets_dir, ignore_errors=True)
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
                           capture_output=True, text=True).stdout.split()
     assert left == []
@@ -251,7 +264,7 @@ def test_cluster_up_backend_docker_cli(node_image: ImageBuild, tmp_path: Path) -
         assert up.poll() is None, up.stdout.read() if up.stdout else ""
         data = json.loads((d / "cluster.json").read_text())
         assert data["backend"] == "docker" and len(data["nodes"]) == 2
-        assert call(data["nodes"][1]["mcp_url"], "peer_list", {})["total"] == 1
+        assert call(data["nodes"][1]["mcp_url"], "peer_list", {}, token=data["token"])["total"] == 1
         down = subprocess.run([sys.executable, "-m", "mcpp", "cluster", "down", "--dir", str(d)], env=env,
                               capture_output=True, text=True, timeout=60)
         assert down.returncode == 0, down.stderr

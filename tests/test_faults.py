@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mcpp.harness import ProcessCluster, node_status
 
-from conftest import call, wait_until
+from conftest import TOKEN, call, wait_until
 
 
 def _connected(url: str) -> set[str]:
@@ -16,7 +16,7 @@ def _connected(url: str) -> set[str]:
 
 
 def test_kill9_leaves_tables_and_bootstrap_restart_reforms(tmp_path: Path) -> None:
-    with ProcessCluster(5, tmp_path) as c:
+    with ProcessCluster(5, tmp_path, token=TOKEN) as c:
         victim = c.record("node-4")
         others = [n for n in c.nodes if n.name != "node-4"]
         c.kill("node-4", signal.SIGKILL)
@@ -85,7 +85,7 @@ def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
 
 def test_cold_exec_nodes_form_a_mesh_too(tmp_path: Path) -> None:
     """Without the fork server every node is a fresh `python -m mcpp node` (as in containers)."""
-    with ProcessCluster(3, tmp_path, fork_server=False) as c:
+    with ProcessCluster(3, tmp_path, fork_server=False, token=TOKEN) as c:
         ids = {n.peer_id for n in c.nodes}
         for n in c.nodes:
             assert set(node_status(n.base_url)["connected"]) == ids - {n.peer_id}
@@ -93,7 +93,7 @@ def test_cold_exec_nodes_form_a_mesh_too(tmp_path: Path) -> None:
 
 
 def test_capabilities_are_advertised_in_the_dht_and_filtered(tmp_path: Path) -> None:
-    with ProcessCluster(3, tmp_path, node_args=["--capabilities", "gpu", "sha256"]) as c:
+    with ProcessCluster(3, tmp_path, node_args=["--capabilities", "gpu", "sha256"], token=TOKEN) as c:
         w = c.record("node-2")
         others = {n.peer_id for n in c.nodes} - {w.peer_id}
 
@@ -124,8 +124,10 @@ def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) 
             "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp), "--data-dir", str(tmp_path / "o")]
     outsider_id = identity.peer_id_of(kp)
     outsider_url = f"http://127.0.0.1:{mcp}"
-    with ProcessCluster(2, tmp_path / "mesh") as c:
+    with ProcessCluster(2, tmp_path / "mesh", token=TOKEN) as c:
         a = c.record("node-1")
+        # outside the mesh's membership, but inside its private network: it holds the swarm key
+        argv += ["--swarm-key-file", str(tmp_path / "mesh" / "secrets" / "swarm.key")]
         out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         try:
             wait_until(lambda: node_status(outsider_url) is not None, 20)

@@ -15,8 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from conftest import TOKEN
 from mcpp import identity
-from mcpp.config import DEFAULT_MCP_PORT, ENV_PREFIX, SETTINGS
+from mcpp.config import DEFAULT_MCP_PORT, ENV_PREFIX, SETTINGS, parse_swarm_key
 from mcpp.harness import ProcessCluster
 from mcpp.harness_docker import MCP_PORT, P2P_PORT
 from mcpp.image import IMAGE_TAG
@@ -41,7 +42,7 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def test_every_object_validates_against_the_api_schemas(objects: list[dict[str, Any]]) -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy", "PodDisruptionBudget",
-                     "PodDisruptionBudget", "Secret", "Service", "Service", "StatefulSet"]
+                     "PodDisruptionBudget", "Secret", "Secret", "Service", "Service", "StatefulSet"]
     for o in objects:
         kubernetes_validate.validate(o, "1.30", strict=True)
         if o["kind"] != "Namespace":
@@ -70,7 +71,7 @@ def test_ports_probes_image_and_env_match_the_node(objects: list[dict[str, Any]]
     assert f"MCPP_LISTEN=/ip4/0.0.0.0/tcp/{P2P_PORT}" in dockerfile and f"MCPP_MCP_PORT={MCP_PORT}" in dockerfile
     assert "USER 10001:10001" in dockerfile
     # the probe paths are served by a real node: /healthz 200, /readyz 200 once joined
-    with ProcessCluster(1, tmp_path) as c:
+    with ProcessCluster(1, tmp_path, token=TOKEN) as c:
         base = c.nodes[0].base_url
         assert httpx.get(base + "/healthz").status_code == 200
         assert httpx.get(base + "/readyz").status_code == 200
@@ -82,8 +83,8 @@ def test_services_and_bootstrap_identity(objects: list[dict[str, Any]]) -> None:
     assert {p["port"] for p in svcs["mcpp-mcp"]["ports"]} == {MCP_PORT}
     sts = by_kind(objects, "StatefulSet")[0]
     assert sts["spec"]["serviceName"] == "mcpp-bootstrap" and sts["spec"]["replicas"] == 1
-    secret = by_kind(objects, "Secret")[0]
-    key = base64.b64decode(secret["data"]["identity.key"])
+    secrets = {x["metadata"]["name"]: x for x in by_kind(objects, "Secret")}
+    key = base64.b64decode(secrets["mcpp-bootstrap-identity"]["data"]["identity.key"])
     with tempfile.NamedTemporaryFile() as f:
         f.write(key)
         f.flush()
@@ -93,5 +94,13 @@ def test_services_and_bootstrap_identity(objects: list[dict[str, Any]]) -> None:
     mounts = {m["name"]: m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MCPP_IDENTITY"] == mounts["identity"] + "/identity.key"
+    # the MCP token and the swarm key come from a Secret, into every node (bootstrap and workers)
+    sec = secrets["mcpp-secrets"]["stringData"]
+    assert len(sec["mcp-token"]) >= 16 and parse_swarm_key(sec["swarm-key"]) == sec["swarm-key"]
+    for wl in (*by_kind(objects, "StatefulSet"), *by_kind(objects, "Deployment")):
+        refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in
+                wl["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert refs["MCPP_TOKEN"] == {"name": "mcpp-secrets", "key": "mcp-token"}
+        assert refs["MCPP_SWARM_KEY"] == {"name": "mcpp-secrets", "key": "swarm-key"}
     netpol = by_kind(objects, "NetworkPolicy")[0]["spec"]
     assert sorted(p["port"] for rule in netpol["ingress"] for p in rule["ports"]) == [P2P_PORT, MCP_PORT]

@@ -10,7 +10,7 @@ import pytest
 from mcpp.harness import ProcessCluster, node_status
 from mcpp.mcp_client import ToolCallError
 
-from conftest import call, call_raw, wait_until
+from conftest import TOKEN, call, call_raw, wait_until
 
 TOOLS = {"peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network"}
 
@@ -32,10 +32,10 @@ def test_mesh_forms_through_the_dht(cluster: ProcessCluster) -> None:
 
 def test_every_node_serves_the_peer_tools_and_probes(cluster: ProcessCluster) -> None:
     import trio
-    from mcp import Client
+    from mcpp.mcp_client import open_client
 
     async def names(url: str) -> set[str]:
-        async with Client(url) as c:
+        async with open_client(url, TOKEN) as c:
             return {t.name for t in (await c.list_tools()).tools}
 
     call(cluster.nodes[1].mcp_url, "peer_list")

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import trio
-from mcp import Client
 
-from conftest import call, wait_until
+from conftest import TOKEN, call, wait_until
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import ToolCallError, structured
+from mcpp.mcp_client import ToolCallError, open_client, structured
 
 TESTS = Path(__file__).parent
 ALL = ["echo", "sleep", "sha256", "fail", "reverse", "upper"]
@@ -38,7 +37,7 @@ def qc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     d = tmp_path_factory.mktemp("queue4")
     args = ["--lease-s", "1.5", "--quota", "batch=3/1", "--handler", "upper=taskplugins:upper"]
     env = {"PYTHONPATH": f"{TESTS}:{_plugin_dist(d / 'site')}"}
-    with ProcessCluster(4, d, node_args=args, env=env, formation_timeout_s=60) as c:
+    with ProcessCluster(4, d, node_args=args, env=env, formation_timeout_s=60, token=TOKEN) as c:
         yield c
 
 
@@ -51,7 +50,7 @@ def many(url: str, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
 
     async def go() -> list[Any]:
         out: list[Any] = []
-        async with Client(url) as s:
+        async with open_client(url, TOKEN) as s:
             for name, a in calls:
                 r = await s.call_tool(name, a)
                 try:
@@ -402,7 +401,7 @@ def test_queue_clear_and_unregister_without_drain(qc: ProcessCluster) -> None:
 
 
 def test_progress_notifications_over_sse(tmp_path: Path) -> None:
-    with ProcessCluster(2, tmp_path, node_args=["--mcp-response", "sse"], formation_timeout_s=60) as c:
+    with ProcessCluster(2, tmp_path, node_args=["--mcp-response", "sse"], formation_timeout_s=60, token=TOKEN) as c:
         url = c.nodes[0].mcp_url
         s = call(url, "task_submit", {"task_type": "sleep", "payload": {"seconds": 2.5}})
         seen: list[float] = []
@@ -411,7 +410,7 @@ def test_progress_notifications_over_sse(tmp_path: Path) -> None:
             seen.append(p)
 
         async def go() -> Any:
-            async with Client(url) as cl:
+            async with open_client(url, TOKEN) as cl:
                 return await cl.call_tool("task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 10},
                                           progress_callback=progress)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import call, wait_until
+from conftest import TOKEN, call, wait_until
 from mcpp.harness import ProcessCluster
 from mcpp.mcp_client import ToolCallError
 from test_queue import many
@@ -31,7 +31,7 @@ REPO = Path(__file__).parent.parent
 @pytest.fixture(scope="module")
 def wc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
     with ProcessCluster(4, tmp_path_factory.mktemp("wf4"), node_args=["--lease-s", "1.5"],
-                        formation_timeout_s=60) as c:
+                        formation_timeout_s=60, token=TOKEN) as c:
         yield c
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
+import secrets
 import shutil
 import socket
 import statistics
@@ -125,9 +127,9 @@ def _lat(samples_ns: list[int]) -> dict[str, float]:
             "mean_ms": round(statistics.mean(ms), 4), "samples": len(ms)}
 
 
-async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int, method: str) -> dict[str, Any]:
+async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int, method: str, swarm_key: str) -> dict[str, Any]:
     cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / "rpc-client"),
-                     log_level="warning", ping_interval_s=30, discovery_interval_s=30)
+                     log_level="warning", ping_interval_s=30, discovery_interval_s=30, swarm_key=swarm_key)
     async with open_node(cfg) as node:
         with trio.fail_after(20):
             while (rec := node.table.get(boot_id)) is None or not rec.connected:
@@ -157,7 +159,9 @@ async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int, meth
 
 def measure_rpc(tmp: Path, calls: int, method: str) -> dict[str, Any]:
     """mcpp RPC `method` from an in-process node to a node process (yamux, Noise, loopback).
-    `ping` is served inline; `echo` through the task-per-request path every other method uses."""
+    `ping` is served inline; `echo` through the task-per-request path every other method uses.
+    Both nodes hold a swarm key (private network), as every harness-started mesh does."""
+    swarm_key = secrets.token_hex(32)
     key = tmp / "rpc-boot.key"
     kp = identity.generate()
     identity.save(kp, key, overwrite=True)
@@ -165,10 +169,11 @@ def measure_rpc(tmp: Path, calls: int, method: str) -> dict[str, Any]:
     boot_id = identity.peer_id_of(kp)
     proc = subprocess.Popen(_node_argv(tmp, "rpc-boot", [
         "--role", "bootstrap", "--identity", str(key), "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp),
-        "--log-level", "warning"]), stderr=subprocess.DEVNULL)
+        "--log-level", "warning"]), stderr=subprocess.DEVNULL, env={**os.environ, "MCPP_SWARM_KEY": swarm_key})
     try:
         _wait_http_ok(f"http://127.0.0.1:{mcp}/healthz", proc, 20, 0.02)
-        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls, method)
+        return trio.run(_rpc_against, f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{boot_id}", boot_id, tmp, calls, method,
+                        swarm_key)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -16,11 +16,10 @@ from typing import Any
 
 import psutil
 import trio
-from mcp import Client
 
 from mcpp.config import NodeConfig
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import structured
+from mcpp.mcp_client import open_client, structured
 from mcpp.node import Node, open_node
 from mcpp.peers import percentile
 
@@ -39,7 +38,7 @@ async def _register(c: ProcessCluster, serving: int, max_concurrent: int) -> Non
     """Nodes 0..serving-1 serve echo; the others only sleep."""
     for i, n in enumerate(c.nodes):
         caps = ALL_TYPES if i < serving else ["sleep"]
-        async with Client(n.mcp_url) as s:
+        async with open_client(n.mcp_url, c.token) as s:
             structured(await s.call_tool("worker_register", {"capabilities": caps, "max_concurrent": max_concurrent}))
 
 
@@ -115,7 +114,7 @@ async def _queued_rss(node: Node, n: int) -> dict[str, Any]:
 async def _mcp_figures(c: ProcessCluster, n: int) -> dict[str, Any]:
     a, cnode = c.nodes[0], c.nodes[2]
     rtt, hop = [], []
-    async with Client(a.mcp_url) as sa, Client(cnode.mcp_url) as sc:
+    async with open_client(a.mcp_url, c.token) as sa, open_client(cnode.mcp_url, c.token) as sc:
         task_id = ""
         for i in range(n + 30):
             t0 = time.perf_counter()
@@ -138,7 +137,8 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
     boot = c.nodes[0]
     cfg = NodeConfig(role="worker", bootstrap=(f"{boot.multiaddrs[0]}",) if "/p2p/" in boot.multiaddrs[0]
                      else (f"{boot.multiaddrs[0]}/p2p/{boot.peer_id}",),
-                     data_dir=str(tmp / "bench-owner"), capabilities=("bench-owner",), log_level="warning")
+                     data_dir=str(tmp / "bench-owner"), capabilities=("bench-owner",), log_level="warning",
+                     swarm_key=c.swarm_key)
     out: dict[str, Any] = {}
     async with open_node(cfg) as node:
         with trio.fail_after(30):
@@ -171,8 +171,8 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
     return out
 
 
-async def _first_result(url: str) -> None:
-    async with Client(url) as s:
+async def _first_result(url: str, token: str | None) -> None:
+    async with open_client(url, token) as s:
         t = structured(await s.call_tool("task_submit", {"task_type": "echo", "payload": 1}))
         structured(await s.call_tool("task_result", {"task_id": t["task_id"], "wait": True}))
 
@@ -180,7 +180,7 @@ async def _first_result(url: str) -> None:
 def measure_queue(tmp: Path, quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     with ProcessCluster(3, tmp / "queue3", formation_timeout_s=60, node_args=["--log-level", "warning"]) as c:
-        trio.run(_first_result, c.nodes[0].mcp_url)
+        trio.run(_first_result, c.nodes[0].mcp_url, c.token)
         startup = time.perf_counter() - t0
         time.sleep(2)
         idle = round(sum(psutil.Process(n.pid).memory_info().rss for n in c.nodes) / 2**20, 1)
@@ -201,6 +201,6 @@ async def _register_mcp_layout(c: ProcessCluster) -> None:
     """node-0 (where the MCP client submits) serves no echo: every task crosses to node-1 or node-2."""
     for i, n in enumerate(c.nodes):
         caps = ["sleep"] if i == 0 else ALL_TYPES
-        async with Client(n.mcp_url) as s:
+        async with open_client(n.mcp_url, c.token) as s:
             structured(await s.call_tool("worker_register", {"capabilities": caps, "max_concurrent": 4}))
     await trio.sleep(1.0)

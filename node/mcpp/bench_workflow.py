@@ -18,10 +18,9 @@ from typing import Any
 
 import psutil
 import trio
-from mcp import Client
 
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import structured
+from mcpp.mcp_client import open_client, structured
 from mcpp.node import Node
 
 __all__ = ["measure_step_overhead", "measure_diamonds_in_process", "measure_mcpp_diamonds", "measure_dask_diamonds",
@@ -61,12 +60,12 @@ async def measure_step_overhead(node: Node, chain_len: int = 20, runs: int = 5) 
             "overhead_ms_per_step": round((chain - single) / chain_len, 3)}
 
 
-async def _diamonds_via_mcp(urls: list[str], n: int) -> dict[str, Any]:
+async def _diamonds_via_mcp(urls: list[str], token: str | None, n: int) -> dict[str, Any]:
     ids: list[tuple[str, str]] = []
     t0 = time.perf_counter()
 
     async def submit(url: str, count: int) -> None:
-        async with Client(url) as c:
+        async with open_client(url, token) as c:
             for _ in range(count):
                 r = structured(await c.call_tool("workflow_submit", {"name": "bench-diamond", "steps": DIAMOND}))
                 ids.append((url, r["workflow_id"]))
@@ -77,7 +76,7 @@ async def _diamonds_via_mcp(urls: list[str], n: int) -> dict[str, Any]:
     t_submitted = time.perf_counter()
 
     async def wait(url: str, wf_ids: list[str]) -> None:
-        async with Client(url) as c:
+        async with open_client(url, token) as c:
             for wid in wf_ids:
                 r = structured(await c.call_tool("workflow_result", {"workflow_id": wid, "wait": True,
                                                                      "timeout_s": 120, "include_steps": False}))
@@ -109,7 +108,7 @@ async def measure_diamonds_in_process(node: Node, n: int) -> dict[str, Any]:
 
 
 def measure_mcpp_diamonds(c: ProcessCluster, n: int) -> dict[str, Any]:
-    return trio.run(_diamonds_via_mcp, [x.mcp_url for x in c.nodes], n)
+    return trio.run(_diamonds_via_mcp, [x.mcp_url for x in c.nodes], c.token, n)
 
 
 def _echo(x: Any) -> Any:

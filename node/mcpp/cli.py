@@ -41,6 +41,8 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swarm-key-file", metavar="FILE",
                    help="libp2p private-network key (swarm.key format; or set MCPP_SWARM_KEY): nodes without it cannot connect")
     p.add_argument("--allow-peers", metavar="PEER_ID", nargs="+", help="only these peers may connect")
+    p.add_argument("--max-message-bytes", metavar="B", type=int, help="largest RPC frame accepted from a peer (4 MiB)")
+    p.add_argument("--rpc-timeout-s", metavar="S", type=float, help="default timeout of an RPC call to a peer (10)")
     p.add_argument("--max-inflight-per-peer", metavar="N", type=int,
                    help="RPC requests one peer may have running here at once (64)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
@@ -50,7 +52,7 @@ _NODE_KEYS = (
     "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport", "mcp_response",
     "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
     "max_queued_tasks", "quotas", "handlers", "token_file", "protect_metrics", "swarm_key_file", "allow_peers",
-    "max_inflight_per_peer",
+    "max_inflight_per_peer", "max_message_bytes", "rpc_timeout_s",
 )
 
 

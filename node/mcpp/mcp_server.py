@@ -480,7 +480,7 @@ async def serve_http(
     cfg.graceful_timeout = 1.0
 
     async def _serve(task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(app, cfg, task_status=task_status)  # type: ignore[arg-type]
+        await serve(app, cfg, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         bound: list[str] = await nursery.start(_serve)
