@@ -182,6 +182,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from mcpp import chaos
+
+    return chaos.run(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from mcpp import bench
 
@@ -274,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--dir", default=".mcpp-demo")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("chaos", help="run a mesh under load while killing, restarting, pausing (and partitioning) "
+                                     "nodes; check nothing was lost or done twice; write verdict.json")
+    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load and faults (then heal and check)")
+    p.add_argument("--backend", choices=["process", "docker"], default="process",
+                   help="docker adds network partitions (docker network disconnect)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the load and the nemesis")
+    p.add_argument("--out", default="chaos-results")
+    p.set_defaults(fn=_cmd_chaos)
 
     p = sub.add_parser("bench", help="measure start-up, RSS, formation and RPC latency; write JSON")
     p.add_argument("--quick", action="store_true")
