@@ -295,8 +295,8 @@ class Chaos:
             elif len({json.dumps([o["status"], o["result"], o["worker"]], sort_keys=True) for o in finals}) > 1:
                 duplicated.append(tid)  # two readings disagree: the record changed after it was final
         statuses: dict[str, int] = {}
-        for obs in final.values():
-            statuses[obs["status"]] = statuses.get(obs["status"], 0) + 1
+        for last in final.values():
+            statuses[last["status"]] = statuses.get(last["status"], 0) + 1
         retried = sum(1 for o in final.values() if o["attempts"] > 1)
         faults = [f for f in self.rec.faults if f["kind"] in INJECTED]
         ok = not lost and not duplicated and not wedged and not workflows["inconsistent"]

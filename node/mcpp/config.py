@@ -66,6 +66,8 @@ class NodeConfig:
     max_queued_tasks: int = 100_000  # waiting (queued + blocked) tasks this node owns
     quotas: tuple[str, ...] = ()  # per tag: TAG=MAX_QUEUED/MAX_RUNNING, e.g. batch=100/4
     handlers: tuple[str, ...] = ()  # extra task types: NAME=module:function
+    replicas: int = 1  # peers that hold a copy of each accepted task (0: none; see queue/replica.py)
+    owner_timeout_s: float = 10.0  # a replica adopts the tasks of an owner gone this long
     # security (issue 8): secrets never appear in repr or logs
     token: str | None = field(default=None, repr=False)  # MCP bearer token; None = MCP on loopback only
     token_file: str | None = None  # a file holding the token (Compose/Kubernetes secrets)
@@ -111,6 +113,8 @@ SETTINGS: dict[str, str] = {
     "max_queued_tasks": "pos_int",
     "quotas": "list",
     "handlers": "list",
+    "replicas": "nonneg_int",
+    "owner_timeout_s": "pos_float",
     "token": "secret",
     "token_file": "opt_str",
     "protect_metrics": "bool",
@@ -163,7 +167,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value not in options:
             raise ConfigError(where, value, f"must be one of {', '.join(options)}")
         return value
-    if kind in ("port", "pos_int"):
+    if kind in ("port", "pos_int", "nonneg_int"):
         try:
             n = int(value)
             if isinstance(value, float) or isinstance(value, bool):
@@ -174,6 +178,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(where, value, "must be a port between 0 and 65535")
         if kind == "pos_int" and n <= 0:
             raise ConfigError(where, value, "must be > 0")
+        if kind == "nonneg_int" and n < 0:
+            raise ConfigError(where, value, "must be >= 0")
         return n
     if kind == "pos_float":
         try:

@@ -208,7 +208,7 @@ class Broker:
 
     def _is_local(self, task_id: str) -> bool:
         o = owner_of(task_id)
-        return o == self.me or (o is None and self.store.exists(task_id))
+        return o == self.me or self.store.exists(task_id)  # (adopted tasks keep their first owner's id)
 
     # ---- submit ------------------------------------------------------------------------
     def submit(self, task_type: str, payload: Any, task_id: str | None, priority: float,
@@ -740,6 +740,44 @@ class Broker:
                 hook(rec)
             except Exception:
                 log.critical("final hook failed", exc_info=True, extra=kv(task=rec.task_id))
+
+    # ---- owner loss (see replica.py) ---------------------------------------------------
+    def adopt(self, recs: list[TaskRecord]) -> list[TaskRecord]:
+        """Take over tasks of a lost owner: stored as this node's, same ids, queued again
+        (or blocked on their dependencies). Final or already known ones are skipped."""
+        t = now()
+        taken: list[TaskRecord] = []
+        for rec in recs:
+            if rec.final or self.store.exists(rec.task_id):
+                continue
+            self._seq += 1
+            status = "blocked" if rec.depends_on else "queued"
+            taken.append(rec.replace(owner=self.me, seq=self._seq, status=status, worker=None, started_at=None,
+                                     queued_at=t, not_before=None))
+        self.store.save(taken)
+        for rec in taken:
+            if rec.status == "blocked":
+                self._block(rec)
+            else:
+                self._enqueue(rec)
+        self._counts_cache = None
+        self._wake.set()
+        return taken
+
+    def forget(self, task_ids: list[str]) -> int:
+        """Drop tasks another node adopted while this one was away (no completion is recorded
+        here; a late one from a worker is ignored as unknown)."""
+        gone = [t for t in task_ids if self.store.exists(t)]
+        for tid in gone:
+            self._dequeue(tid)
+            self._delayed_ids.discard(tid)
+            self._drop_blocked(tid)
+            lease = self.leases.get(tid)
+            if lease is not None:
+                self._end_lease(lease)
+        self.store.delete(gone)
+        self._counts_cache = None
+        return len(gone)
 
     # ---- dependencies ------------------------------------------------------------------
     def dependency_final(self, dep_id: str, status: str) -> None:

@@ -10,6 +10,7 @@ peer in parallel and merge; a peer that does not answer in time is listed as unr
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -85,6 +86,9 @@ class QueueService:
         node.info_extra["worker"] = self.worker.info
         node.capability_sources.append(lambda: self.worker.settings.task_types if self.worker.settings.active else ())
         node.peer_joined_hooks.append(lambda pid: self.broker.kick())
+        from mcpp.queue.replica import Replicator
+
+        self.replicator = Replicator(self, config.replicas, config.owner_timeout_s)
 
     def close(self) -> None:
         self.store.close()
@@ -183,13 +187,23 @@ class QueueService:
 
     # ---- locating owners ---------------------------------------------------------------
     async def locate(self, task_id: str, argument: str = "task_id") -> str:
+        """The node that holds the task: this one, the owner named in the id when it is
+        connected, else whoever answers `q.where` (a replica that adopted it, see replica.py)."""
+        if self.store.exists(task_id):
+            return self.me
         owner = owner_of(task_id)
-        if owner is not None:
+        if owner is not None and owner != self.me and self._connected(owner):
             return owner
         found = await self.find(task_id)
-        if found is None:
-            raise TaskNotFound(task_id, argument)
-        return found
+        if found is not None:
+            return found
+        if owner is not None:
+            return owner  # not connected and nobody adopted it (yet): the call says unreachable
+        raise TaskNotFound(task_id, argument)
+
+    def _connected(self, peer: str) -> bool:
+        rec = self.node.table.get(peer)
+        return rec is not None and rec.connected
 
     async def find(self, task_id: str) -> str | None:
         """The owner of a caller-chosen id, or None if no connected node holds it."""
@@ -258,6 +272,8 @@ class QueueService:
     async def _rpc_stats(self, peer: str, p: Any) -> Any:
         out = self.broker.local_stats()
         out["timed"] = self.broker.stats.n_timed
+        out["replicas_held"] = sum(self.replicator.held().values())
+        out["adopted"] = self.replicator.adopted_count
         return out
 
     async def _rpc_done(self, peer: str, p: Any) -> Any:
@@ -319,7 +335,10 @@ class QueueService:
         for i, d in enumerate(deps):
             if d not in dep_status:
                 raise TaskNotFound(d, f"depends_on[{i}]")
-        return self.broker.submit(**a, dep_status=dep_status)
+        out = self.broker.submit(**a, dep_status=dep_status)
+        if not out.get("existing") and out["status"] in ("queued", "blocked"):
+            await self.replicator.replicate(out["task_id"])  # acknowledged once a replica holds it
+        return out
 
     async def status(self, task_id: Any, include_metrics: bool) -> dict[str, Any]:
         tid = check_task_id(task_id)
@@ -336,11 +355,19 @@ class QueueService:
         if owner == self.me or not wait:
             return dict(await self._owner_call(owner, "q.result", params, float(timeout_s) + 10))
         # a long wait at a remote owner is cut into slices, so that it never holds one of the
-        # owner's per-stream request slots for long
+        # owner's per-stream request slots for long; an owner that is gone is looked up again
+        # each slice (a replica adopts its tasks after owner_timeout_s, see replica.py)
         deadline = trio.current_time() + float(timeout_s)
         while True:
             slice_s = max(0.0, min(WAIT_SLICE_S, deadline - trio.current_time()))
-            out = dict(await self._owner_call(owner, "q.result", {**params, "timeout_s": slice_s}, slice_s + 10))
+            try:
+                out = dict(await self._owner_call(owner, "q.result", {**params, "timeout_s": slice_s}, slice_s + 10))
+            except QueueError:
+                if isinstance(sys.exc_info()[1], OwnerError) or trio.current_time() + 0.5 >= deadline:
+                    raise
+                await trio.sleep(0.5)
+                owner = await self.locate(tid)
+                continue
             if not out["timed_out"] or trio.current_time() >= deadline:
                 return out
 
@@ -407,7 +434,8 @@ class QueueService:
         peers = self._peers() if scope == "mesh" else []
         answers, failed = await self._gather("q.stats", {}, peers)
         keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
-                "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored")
+                "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
+                "replicas_held", "adopted")
         out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in keys}
         by_type: dict[str, dict[str, int]] = {}
         for a in answers.values():
@@ -580,5 +608,6 @@ class QueueService:
             await nursery.start(self.worker.run)
             await nursery.start(self.broker.run)
             nursery.start_soon(self._dependency_loop)
+            nursery.start_soon(self.replicator.run)
             task_status.started()
 

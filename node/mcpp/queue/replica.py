@@ -1,0 +1,264 @@
+"""Owner-loss protection: every task a node accepts is copied to its replica peers, and a replica
+takes the tasks over when their owner has been gone for `owner_timeout_s`.
+
+- The replica set of an owner is the `replicas` connected peers closest to it by XOR distance of
+  sha256(peer id) (the Kademlia metric), so every node computes the same set.
+- `task_submit` returns only after the new record reached the replica peers (or
+  REPLICATE_WAIT_S passed: the task is durable on the owner's disk either way). Concurrent
+  submits share one `r.put` per peer. Final states are sent later, batched, so replicas forget
+  finished tasks.
+- When the replica set changes (a replica left, a closer peer joined), the owner sends every
+  active record to the new members.
+- A replica that holds non-final records of an owner that has not been connected for
+  `owner_timeout_s` adopts them: it stores them as its own (same task ids) and queues them. Any
+  node then finds them through `q.where` (service.locate). At-least-once: a task the dead
+  owner had running runs again.
+- An owner that comes back asks each peer (`r.adopted`) which of its tasks were adopted and
+  drops them, so one record per task survives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from mcpp.queue.service import QueueService
+
+from mcpp.errors import ArgumentError, MCPPError
+from mcpp.log import kv
+from mcpp.queue.model import RetryPolicy, TaskRecord
+
+__all__ = ["Replicator", "pack", "unpack"]
+
+log = logging.getLogger("mcpp.replica")
+REPLICATE_WAIT_S = 2.0
+FINAL_FLUSH_S = 0.5
+CHECK_EVERY_S = 1.0
+PUSH_BATCH = 200
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS replicas (
+  task_id TEXT PRIMARY KEY,
+  owner TEXT NOT NULL,
+  record TEXT NOT NULL,
+  received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replicas_owner ON replicas(owner);
+CREATE TABLE IF NOT EXISTS adopted (task_id TEXT PRIMARY KEY, from_owner TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS adopted_owner ON adopted(from_owner);
+"""
+_FIELDS = {f.name for f in dataclasses.fields(TaskRecord)}
+
+
+def pack(rec: TaskRecord) -> dict[str, Any]:
+    d = {f: getattr(rec, f) for f in _FIELDS}
+    d["retry_policy"] = rec.retry_policy.as_dict()
+    return d
+
+
+def unpack(d: Any) -> TaskRecord:
+    """A record sent by a peer: checked field by field (a peer's data is not trusted)."""
+    if not isinstance(d, dict) or set(d) != _FIELDS:
+        raise ArgumentError("records", "each record must have exactly the task record's fields")
+    if not isinstance(d["task_id"], str) or not isinstance(d["task_type"], str) or not isinstance(d["owner"], str):
+        raise ArgumentError("records", "task_id, task_type and owner must be strings")
+    try:
+        rp = RetryPolicy.parse(d["retry_policy"])
+        vals = {**d, "retry_policy": rp}
+        for k in ("depends_on", "tags", "logs", "history"):
+            vals[k] = tuple(d[k] or ())
+        return TaskRecord(**vals)
+    except (TypeError, ValueError) as e:
+        raise ArgumentError("records", f"not a task record: {e}") from None
+
+
+def _distance(a: str, b: str) -> int:
+    ha = int.from_bytes(hashlib.sha256(a.encode()).digest(), "big")
+    hb = int.from_bytes(hashlib.sha256(b.encode()).digest(), "big")
+    return ha ^ hb
+
+
+class Replicator:
+    """Both sides: this node as an owner (sending copies) and as a replica (holding, adopting)."""
+
+    def __init__(self, q: QueueService, copies: int, owner_timeout_s: float) -> None:
+        self.q = q
+        self.me = q.me
+        self.copies = copies
+        self.owner_timeout_s = owner_timeout_s
+        self.db = q.store.connection
+        self.db.executescript(_SCHEMA)
+        self._batch: list[dict[str, Any]] = []
+        self._batch_done: trio.Event | None = None
+        self._finals: list[str] = []
+        self._last_set: tuple[str, ...] = ()
+        self._absent_since: dict[str, float] = {}
+        self.adopted_count = 0
+        q.serve("r.put", self._rpc_put)
+        q.serve("r.adopted", self._rpc_adopted)
+        q.broker.final_hooks.append(self._on_final)
+        q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._reconcile, pid))
+
+    # ---- owner side --------------------------------------------------------------------
+    def replica_peers(self) -> list[str]:
+        if self.copies <= 0:
+            return []
+        peers = self.q._peers()
+        peers.sort(key=lambda p: _distance(self.me, p))
+        return peers[: self.copies]
+
+    async def replicate(self, task_id: str) -> None:
+        """Copy a just-accepted task to the replica peers; returns when they have it (or after
+        REPLICATE_WAIT_S)."""
+        if self.copies <= 0 or not self.q._peers():
+            return
+        rec = self.q.store.get(task_id)
+        if rec is None or rec.final:
+            return
+        self._batch.append(pack(rec))
+        ev = self._batch_done
+        if ev is None:
+            ev = self._batch_done = trio.Event()
+            self.q.node._spawn(self._flush, ev)
+        with trio.move_on_after(REPLICATE_WAIT_S):
+            await ev.wait()
+
+    async def _flush(self, ev: trio.Event) -> None:
+        await trio.lowlevel.checkpoint()  # submits arriving meanwhile join this batch
+        batch, self._batch, self._batch_done = self._batch, [], None
+        try:
+            await self._send(self.replica_peers(), {"records": batch})
+        finally:
+            ev.set()
+
+    async def _send(self, peers: list[str], body: dict[str, Any]) -> None:
+        async def one(pid: str) -> None:
+            try:
+                await self.q._call(pid, "r.put", body, REPLICATE_WAIT_S)
+            except MCPPError as e:
+                log.warning("replication failed", extra=kv(peer=pid, error=str(e)))
+
+        async with trio.open_nursery() as n:
+            for pid in peers:
+                n.start_soon(one, pid)
+
+    def _on_final(self, rec: TaskRecord) -> None:
+        if self.copies > 0 and owner_is(rec, self.me):
+            self._finals.append(rec.task_id)
+
+    async def _push_active(self, peers: list[str]) -> None:
+        """Send every active record to replicas that joined the set."""
+        recs = [pack(r) for r in self.q.store.active()]
+        for i in range(0, len(recs), PUSH_BATCH):
+            await self._send(peers, {"records": recs[i : i + PUSH_BATCH]})
+        if recs:
+            log.info("active tasks copied to new replicas", extra=kv(peers=peers, tasks=len(recs)))
+
+    async def _reconcile(self, peer: str) -> None:
+        """A peer (re)joined: drop my tasks that it adopted while I was away."""
+        try:
+            ids = await self.q._call(peer, "r.adopted", {}, 10.0)
+        except MCPPError:
+            return
+        if isinstance(ids, list) and ids:
+            dropped = self.q.broker.forget([t for t in ids if isinstance(t, str)])
+            log.warning("tasks adopted by a replica while this node was away: dropped here",
+                        extra=kv(peer=peer, tasks=dropped))
+
+    # ---- replica side ------------------------------------------------------------------
+    async def _rpc_put(self, peer: str, p: Any) -> Any:
+        recs = p.get("records") if isinstance(p, dict) else None
+        finals = p.get("final") if isinstance(p, dict) else None
+        if not isinstance(recs, list) or (finals is not None and not isinstance(finals, list)):
+            raise ArgumentError("records", "must be a list")
+        rows = []
+        for d in recs[:1000]:
+            rec = unpack(d)
+            if rec.owner != peer:
+                raise ArgumentError("records", "a peer may only replicate tasks it owns")
+            rows.append((rec.task_id, peer, json.dumps(d, separators=(",", ":")), time.time()))
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?)", rows)
+            if finals:
+                self.db.executemany("DELETE FROM replicas WHERE task_id = ? AND owner = ?",
+                                    [(t, peer) for t in finals[:5000] if isinstance(t, str)])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return {"stored": len(rows)}
+
+    async def _rpc_adopted(self, peer: str, p: Any) -> Any:
+        rows = self.db.execute("SELECT task_id FROM adopted WHERE from_owner = ?", (peer,)).fetchall()
+        return [r[0] for r in rows]
+
+    def held(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT owner, COUNT(*) FROM replicas GROUP BY owner").fetchall()
+        return {str(o): int(n) for o, n in rows}
+
+    def adopt(self, owner: str) -> int:
+        """Take over the held tasks of an owner that is gone."""
+        rows = self.db.execute("SELECT record FROM replicas WHERE owner = ?", (owner,)).fetchall()
+        recs = []
+        for (text,) in rows:
+            try:
+                recs.append(unpack(json.loads(text)))
+            except (ArgumentError, ValueError):
+                continue
+        adopted = self.q.broker.adopt(recs)
+        n = len(adopted)
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO adopted VALUES (?, ?, ?)",
+                                [(r.task_id, owner, time.time()) for r in recs])
+            self.db.execute("DELETE FROM replicas WHERE owner = ?", (owner,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.adopted_count += n
+        log.warning("adopted the tasks of a lost owner", extra=kv(owner=owner, tasks=n))
+        if adopted and self.replica_peers():  # they are mine now: my replicas hold them too
+            self.q.node._spawn(self._send, self.replica_peers(), {"records": [pack(r) for r in adopted]})
+        return n
+
+    # ---- the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(CHECK_EVERY_S if not self._finals else FINAL_FLUSH_S)
+            try:
+                await self._tick()
+            except MCPPError as e:
+                log.warning("replica tick failed", extra=kv(error=str(e)))
+
+    async def _tick(self) -> None:
+        peers = self.replica_peers()
+        if self._finals and peers:
+            finals, self._finals = self._finals, []
+            self.q.node._spawn(self._send, peers, {"records": [], "final": finals})
+        new = [p for p in peers if p not in self._last_set]
+        if new:
+            self.q.node._spawn(self._push_active, new)
+        self._last_set = tuple(peers)
+        connected = set(self.q._peers())
+        mono = time.monotonic()
+        for owner in self.held():
+            if owner in connected or owner == self.me:
+                self._absent_since.pop(owner, None)
+                continue
+            since = self._absent_since.setdefault(owner, mono)
+            if mono - since >= self.owner_timeout_s:
+                self._absent_since.pop(owner, None)
+                self.adopt(owner)
+
+
+def owner_is(rec: TaskRecord, me: str) -> bool:
+    return rec.owner == me

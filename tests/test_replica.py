@@ -1,0 +1,49 @@
+"""Owner loss: every accepted task is copied to a replica peer, which takes the tasks over when
+their owner dies for good (kill -9, no restart)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import TOKEN, call, wait_until
+from mcpp.harness import ProcessCluster
+
+
+@pytest.fixture()
+def rc(tmp_path: Path) -> Iterator[ProcessCluster]:
+    with ProcessCluster(3, tmp_path, node_args=["--owner-timeout-s", "3", "--lease-s", "1.5"], token=TOKEN) as c:
+        yield c
+
+
+def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCluster) -> None:
+    """Injected: node-1 owns 20 queued tasks (its dispatch paused), then kill -9, no restart.
+    Checked: a replica already held all 20 before the kill; after owner_timeout_s (3 s) it adopts
+    them; every one completes exactly once (one successful attempt) on a surviving worker, and is
+    read through node-2; then node-1 comes back and drops what was adopted (one record survives)."""
+    a, c = rc.record("node-1"), rc.record("node-2")
+    call(a.mcp_url, "queue_pause", {"reason": "hold the tasks at their owner"})
+    ids = [call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": {"n": i}})["task_id"] for i in range(20)]
+    assert all(t.endswith("@" + a.peer_id) for t in ids)
+    local = call(a.mcp_url, "task_list", {"scope": "local", "status": "queued"})
+    assert local["total"] == 20
+    held = call(c.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"]
+    assert held >= 20, "every accepted task is on a replica before task_submit returns"
+    rc.kill("node-1", signal.SIGKILL)
+    for i, tid in enumerate(ids):
+        r = call(c.mcp_url, "task_result", {"task_id": tid, "wait": True, "timeout_s": 30, "include_history": True})
+        assert r["status"] == "completed" and r["result"] == {"n": i}, r
+        assert r["worker"] != a.peer_id
+        assert sum(1 for h in r["history"] if h["outcome"] == "ok") == 1
+    stats = call(c.mcp_url, "queue_stats", {"scope": "mesh"})
+    assert stats["adopted"] == 20
+    # the owner comes back: it learns what was adopted and drops it; the adopter's record stays
+    rc.restart("node-1")
+    rc.wait_formed(30)
+    wait_until(lambda: call(a.mcp_url, "task_list", {"scope": "local"})["total"] == 0, 20)
+    for tid in ids[:3]:
+        st = call(a.mcp_url, "task_status", {"task_id": tid})
+        assert st["status"] == "completed" and st["owner"] != a.peer_id
