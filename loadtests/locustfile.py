@@ -65,14 +65,17 @@ class McpUser(FastHttpUser):
         self.rid += 1
         return self.rid
 
-    def _post(self, body: dict[str, Any], name: str) -> Any:
+    def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
                    "mcp-protocol-version": PROTOCOL}
         if self.session_id:
             headers["mcp-session-id"] = self.session_id
         if TOKEN:
             headers["authorization"] = f"Bearer {TOKEN}"
-        with self.client.post(self.path, json=body, headers=headers, name=name, catch_response=True) as r:
+        return headers
+
+    def _post(self, body: dict[str, Any], name: str) -> Any:
+        with self.client.post(self.path, json=body, headers=self._headers(), name=name, catch_response=True) as r:
             if r.status_code not in (200, 202):
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return None
@@ -83,9 +86,7 @@ class McpUser(FastHttpUser):
         """One tools/call, reported as a request named `tool`."""
         body = {"jsonrpc": "2.0", "id": self._id(), "method": "tools/call",
                 "params": {"name": tool, "arguments": arguments}}
-        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
-                   "mcp-protocol-version": PROTOCOL, "mcp-session-id": self.session_id}
-        with self.client.post(self.path, json=body, headers=headers, name=tool, catch_response=True) as r:
+        with self.client.post(self.path, json=body, headers=self._headers(), name=tool, catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return None

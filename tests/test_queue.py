@@ -433,7 +433,7 @@ def test_task_cli(qc: ProcessCluster) -> None:
     register(qc, {})
     url = qc.nodes[1].mcp_url
     mcpp = [sys.executable, "-m", "mcpp", "task", "--url", url]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")} | {"MCPP_TOKEN": TOKEN}
     out = subprocess.run([*mcpp, "submit", "echo", "--payload", '{"cli": true}', "--wait"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -447,6 +447,9 @@ def test_task_cli(qc: ProcessCluster) -> None:
     assert json.loads(ls.stdout)["count"] == 1
     bad = subprocess.run([*mcpp, "status", "nope"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "task_id:" in bad.stderr
+    no_token = {k: v for k, v in env.items() if k != "MCPP_TOKEN"}
+    bad = subprocess.run([*mcpp, "status", tid], env=no_token, capture_output=True, text=True, timeout=60, cwd="/")
+    assert bad.returncode == 2 and "HTTP 401" in bad.stderr and "MCPP_TOKEN" in bad.stderr
 
 
 def test_node_stops_cleanly_while_dispatching_to_itself(tmp_path: Path) -> None:
@@ -491,7 +494,7 @@ def test_malformed_requests_from_a_peer_are_refused_and_the_node_keeps_working(q
 
     async def go(tmp: Path) -> list[str]:
         cfg = NodeConfig(role="worker", bootstrap=(qc.nodes[0].multiaddrs[0],), data_dir=str(tmp),
-                         capabilities=("none",), log_level="warning")
+                         capabilities=("none",), log_level="warning", swarm_key=qc.swarm_key)
         errors = []
         async with open_node(cfg) as node:
             with trio.fail_after(20):

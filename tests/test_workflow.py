@@ -220,7 +220,7 @@ def test_map_reduce_template_step_spelling_and_idempotency(wc: ProcessCluster) -
 
 def test_workflow_cli_runs_a_yaml_file(wc: ProcessCluster) -> None:
     register(wc, {})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPP_")} | {"MCPP_TOKEN": TOKEN}
     res = subprocess.run([sys.executable, "-m", "mcpp", "workflow", "--url", wc.nodes[3].mcp_url, "run",
                           str(REPO / "node/mcpp/workflow/templates/diamond.yaml"), "--param", "text=cli",
                           "--param", "rounds=3"], env=env, capture_output=True, text=True, timeout=120)

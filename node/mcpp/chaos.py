@@ -135,9 +135,12 @@ class Chaos:
     async def _nemesis(self) -> None:
         kinds = ["kill", "pause", "restart"] + (["partition"] if self.cfg.backend == "docker" else [])
         await trio.sleep(min(2.0, self.cfg.fault_every_s))
+        order: list[str] = []
         while not self.stop_load.is_set():
+            if not order:  # every kind once per round, in a random order: a short run sees them all
+                order = self.rng.sample(kinds, len(kinds))
             name = self.rng.choice(self._names())
-            kind = self.rng.choice(kinds)
+            kind = order.pop()
             self.down.add(name)
             try:
                 await self._inject(kind, name)

@@ -17,7 +17,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-__all__ = ["call_tool", "ToolCallError", "open_client", "structured", "auth_headers", "token_from_env"]
+__all__ = ["call_tool", "ToolCallError", "open_client", "structured", "auth_headers", "token_from_env",
+           "explain_failure"]
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -54,6 +55,34 @@ def open_client(url: str, token: str | None = None) -> Client:
     if not token:
         return Client(url)
     return Client(_authed(url, token))
+
+
+def explain_failure(url: str, token: str | None, error: BaseException) -> str:
+    """A readable reason why a session to `url` failed (the SDK reports an HTTP 401 only as
+    'Server returned an error response'): probe the endpoint once with plain HTTP."""
+    import httpx
+
+    try:
+        r = httpx.post(url, json={"jsonrpc": "2.0", "id": 0, "method": "ping"}, timeout=5,
+                       headers={"accept": "application/json, text/event-stream", **auth_headers(token)})
+    except httpx.HTTPError as e:
+        return f"cannot reach {url}: {e}"
+    if r.status_code == 401:
+        return (f"{url} refused the {'token' if token else 'request'} (HTTP 401): "
+                + ("set MCPP_TOKEN or MCPP_TOKEN_FILE to the node's bearer token" if not token
+                   else "MCPP_TOKEN / MCPP_TOKEN_FILE does not hold this node's token"))
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        subs = getattr(e, "exceptions", None)
+        if subs:
+            for x in subs:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(error)
+    return f"cannot talk to {url}: " + "; ".join(f"{type(e).__name__}: {e}" for e in leaves)
 
 
 def structured(result: Any) -> dict[str, Any]:

@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         raw = trio.run(_run, url, token, _calls(args), bool(getattr(args, "wait", False)) and args.task_command == "submit")
     except (OSError, BaseExceptionGroup) as e:
-        print(f"mcpp: error: cannot talk to {url}: {e}", file=sys.stderr)
+        from mcpp.mcp_client import explain_failure
+
+        print(f"mcpp: error: {explain_failure(url, token, e)}", file=sys.stderr)
         return 2
     try:
         results = [structured(r) for r in raw]

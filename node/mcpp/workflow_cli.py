@@ -120,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         failed: BaseException | None = group
         while isinstance(failed, BaseExceptionGroup):
             failed = failed.exceptions[0]
-        print(f"mcpp: error: {failed if failed is not None else f'cannot talk to {url}: {eg!r}'}", file=sys.stderr)
+        if failed is None:
+            from mcpp.mcp_client import explain_failure
+
+            print(f"mcpp: error: {explain_failure(url, token, eg)}", file=sys.stderr)
+        else:
+            print(f"mcpp: error: {failed}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"mcpp: error: {e}", file=sys.stderr)
