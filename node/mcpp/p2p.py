@@ -61,9 +61,8 @@ def _complete_psk_conns() -> None:
                 setattr(wrapped, attr, getattr(conn, attr))
         return wrapped
 
-    if getattr(swarm_mod.new_protected_conn, "__name__", "") != "new_protected_conn" or \
-            swarm_mod.new_protected_conn is original:
-        swarm_mod.new_protected_conn = new_protected_conn  # type: ignore[assignment]
+    if getattr(swarm_mod, "new_protected_conn", None) is original:  # once
+        setattr(swarm_mod, "new_protected_conn", new_protected_conn)
 
 
 _complete_psk_conns()
