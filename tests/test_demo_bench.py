@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MCPP = [sys.executable, "-m", "mcpp"]
 
 
@@ -27,6 +29,7 @@ def test_demo_runs_a_mesh_calls_tools_and_stops_cleanly(tmp_path: Path) -> None:
     assert "workflow completed in" in out and "critical path fetch ->" in out
 
 
+@pytest.mark.timeout(600)
 def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     res = subprocess.run(MCPP + ["bench", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=900)

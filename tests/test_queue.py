@@ -105,7 +105,9 @@ def test_submit_on_a_run_on_b_read_on_c(qc: ProcessCluster) -> None:
 
 def test_500_tasks_spread_over_all_workers(qc: ProcessCluster) -> None:
     register(qc, {})
-    subs = many(qc.nodes[0].mcp_url, [("task_submit", {"task_type": "sleep", "payload": {"seconds": 0.02},
+    # 0.25 s each: a backlog builds up (500 x 0.25 s over 16 slots is ~8 s of work), so the
+    # dispatcher must use every worker, not only the best-placed one
+    subs = many(qc.nodes[0].mcp_url, [("task_submit", {"task_type": "sleep", "payload": {"seconds": 0.25},
                                                         "tags": ["spread"]}) for _ in range(500)])
     assert len({s["task_id"] for s in subs}) == 500
 
