@@ -15,13 +15,13 @@ from mcpp.harness import ProcessCluster
 
 @pytest.fixture()
 def rc(tmp_path: Path) -> Iterator[ProcessCluster]:
-    with ProcessCluster(3, tmp_path, node_args=["--owner-timeout-s", "3", "--lease-s", "1.5"], token=TOKEN) as c:
+    with ProcessCluster(3, tmp_path, node_args=["--owner-timeout-s", "3", "--lease-s", "1.5", "--replication", "sync"], token=TOKEN) as c:
         yield c
 
 
 def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCluster) -> None:
     """Injected: node-1 owns 20 queued tasks (its dispatch paused), then kill -9, no restart.
-    Checked: a replica already held all 20 before the kill; after owner_timeout_s (3 s) it adopts
+    Checked (replication=sync): a replica held all 20 as soon as the submits returned; after owner_timeout_s (3 s) it adopts
     them; every one completes exactly once (one successful attempt) on a surviving worker, and is
     read through node-2; then node-1 comes back and drops what was adopted (one record survives)."""
     a, c = rc.record("node-1"), rc.record("node-2")
@@ -47,3 +47,17 @@ def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCl
     for tid in ids[:3]:
         st = call(a.mcp_url, "task_status", {"task_id": tid})
         assert st["status"] == "completed" and st["owner"] != a.peer_id
+
+
+def test_async_replication_copies_within_moments(tmp_path: Path) -> None:
+    """The default (async): task_submit does not wait, and the copies reach a replica within a
+    second."""
+    with ProcessCluster(3, tmp_path, token=TOKEN) as c:
+        a, b = c.record("node-1"), c.record("node-2")
+        call(a.mcp_url, "queue_pause", {})
+        for i in range(30):
+            call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": i})
+        wait_until(lambda: call(b.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"] >= 30, 5)
+        call(a.mcp_url, "queue_resume", {})
+        # finished tasks are forgotten by the replica (final states follow in batches)
+        wait_until(lambda: call(b.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"] == 0, 15)

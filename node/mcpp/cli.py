@@ -37,6 +37,8 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", metavar="N", type=int, help="peers holding a copy of each accepted task (1; 0: none)")
     p.add_argument("--owner-timeout-s", metavar="S", type=float,
                    help="a replica adopts the tasks of an owner gone this long (10)")
+    p.add_argument("--replication", choices=["async", "sync"],
+                   help="sync: task_submit returns once a replica holds the task (async: the copy follows)")
     p.add_argument("--token-file", metavar="FILE",
                    help="file holding the MCP bearer token (or set MCPP_TOKEN); without one, MCP binds to loopback only")
     p.add_argument("--protect-metrics", action="store_const", const=True,
@@ -55,7 +57,7 @@ _NODE_KEYS = (
     "role", "listen", "announce", "bootstrap", "identity", "mcp_host", "mcp_port", "mcp_transport", "mcp_response",
     "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
     "max_queued_tasks", "quotas", "handlers", "token_file", "protect_metrics", "swarm_key_file", "allow_peers",
-    "max_inflight_per_peer", "max_message_bytes", "rpc_timeout_s", "replicas", "owner_timeout_s",
+    "max_inflight_per_peer", "max_message_bytes", "rpc_timeout_s", "replicas", "owner_timeout_s", "replication",
 )
 
 

@@ -3,10 +3,12 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
 
 - The replica set of an owner is the `replicas` connected peers closest to it by XOR distance of
   sha256(peer id) (the Kademlia metric), so every node computes the same set.
-- `task_submit` returns only after the new record reached the replica peers (or
-  REPLICATE_WAIT_S passed: the task is durable on the owner's disk either way). Concurrent
-  submits share one `r.put` per peer. Final states are sent later, batched, so replicas forget
-  finished tasks.
+- A new record goes out at once, pipelined: one `r.put` per replica peer is in flight, and the
+  next carries everything accepted meanwhile. With `replication = "sync"`, `task_submit`
+  returns only after its record reached the replicas (or REPLICATE_WAIT_S passed); with
+  "async" (the default) it returns at once and the copy follows within one round trip (a kill
+  in that window loses the just-accepted tasks; they are durable on the owner's disk).
+  Final states are sent later, batched, so replicas forget finished tasks.
 - When the replica set changes (a replica left, a closer peer joined), the owner sends every
   active record to the new members.
 - A replica that holds non-final records of an owner that has not been connected for
@@ -88,10 +90,12 @@ def _distance(a: str, b: str) -> int:
 class Replicator:
     """Both sides: this node as an owner (sending copies) and as a replica (holding, adopting)."""
 
-    def __init__(self, q: QueueService, copies: int, owner_timeout_s: float) -> None:
+    def __init__(self, q: QueueService, copies: int, owner_timeout_s: float, sync: bool = False) -> None:
         self.q = q
         self.me = q.me
         self.copies = copies
+        self.sync = sync
+        self._flushing = False
         self.owner_timeout_s = owner_timeout_s
         self.db = q.store.connection
         self.db.executescript(_SCHEMA)
@@ -115,8 +119,9 @@ class Replicator:
         return peers[: self.copies]
 
     async def replicate(self, task_id: str) -> None:
-        """Copy a just-accepted task to the replica peers; returns when they have it (or after
-        REPLICATE_WAIT_S)."""
+        """Copy a just-accepted task to the replica peers. One batch is in flight at a time and
+        the next one collects everything accepted meanwhile. With `sync` the caller returns
+        when its batch was delivered (or after REPLICATE_WAIT_S); otherwise at once."""
         if self.copies <= 0 or not self.q._peers():
             return
         rec = self.q.store.get(task_id)
@@ -126,17 +131,26 @@ class Replicator:
         ev = self._batch_done
         if ev is None:
             ev = self._batch_done = trio.Event()
-            self.q.node._spawn(self._flush, ev)
-        with trio.move_on_after(REPLICATE_WAIT_S):
-            await ev.wait()
+        if not self._flushing:
+            self._flushing = True
+            self.q.node._spawn(self._flusher)
+        if self.sync:
+            with trio.move_on_after(REPLICATE_WAIT_S):
+                await ev.wait()
 
-    async def _flush(self, ev: trio.Event) -> None:
-        await trio.lowlevel.checkpoint()  # submits arriving meanwhile join this batch
-        batch, self._batch, self._batch_done = self._batch, [], None
+    async def _flusher(self) -> None:
         try:
-            await self._send(self.replica_peers(), {"records": batch})
+            while self._batch:
+                await trio.lowlevel.checkpoint()  # submits arriving meanwhile join this batch
+                batch, ev = self._batch, self._batch_done
+                self._batch, self._batch_done = [], None
+                try:
+                    await self._send(self.replica_peers(), {"records": batch})
+                finally:
+                    if ev is not None:
+                        ev.set()
         finally:
-            ev.set()
+            self._flushing = False
 
     async def _send(self, peers: list[str], body: dict[str, Any]) -> None:
         async def one(pid: str) -> None:

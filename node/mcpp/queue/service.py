@@ -88,7 +88,7 @@ class QueueService:
         node.peer_joined_hooks.append(lambda pid: self.broker.kick())
         from mcpp.queue.replica import Replicator
 
-        self.replicator = Replicator(self, config.replicas, config.owner_timeout_s)
+        self.replicator = Replicator(self, config.replicas, config.owner_timeout_s, config.replication == "sync")
 
     def close(self) -> None:
         self.store.close()
@@ -337,7 +337,7 @@ class QueueService:
                 raise TaskNotFound(d, f"depends_on[{i}]")
         out = self.broker.submit(**a, dep_status=dep_status)
         if not out.get("existing") and out["status"] in ("queued", "blocked"):
-            await self.replicator.replicate(out["task_id"])  # acknowledged once a replica holds it
+            await self.replicator.replicate(out["task_id"])  # with replication=sync: once a replica holds it
         return out
 
     async def status(self, task_id: Any, include_metrics: bool) -> dict[str, Any]:
