@@ -247,18 +247,16 @@ class Chaos:
         bad: list[dict[str, Any]] = []
         deadline = trio.current_time() + self.cfg.settle_s
         for wid, facts in self.rec.workflows.items():
-            r: dict[str, Any] | None = None
-            while trio.current_time() < deadline:
+            r: dict[str, Any] = {"status": "unknown", "error": "not read"}
+            while True:  # at least one reading each, more until final or the settle time is over
                 try:
                     r = await self._call(self.rng.choice(self._names()), "workflow_result",
                                          {"workflow_id": wid, "wait": True, "timeout_s": 10}, 15.0)
                 except (ToolCallError, trio.TooSlowError, OSError, BaseExceptionGroup, httpx.HTTPError) as e:
                     r = {"status": "unknown", "error": str(e)}
-                    await trio.sleep(1)
-                    continue
-                if r["status"] in WF_FINAL:
+                if r["status"] in WF_FINAL or trio.current_time() >= deadline:
                     break
-            assert r is not None
+                await trio.sleep(1)
             status = r["status"]
             done[status] = done.get(status, 0) + 1
             k = facts["k"]
