@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import open_client, structured
+from mcpp.mcp_client import ToolCallError, open_client, structured
 
 # One MCP bearer token for every cluster the tests start (each cluster still gets its own swarm
 # key): helpers send it on every call. test_security.py checks what happens without it.
@@ -34,6 +34,21 @@ def call(url: str, tool: str, args: dict[str, Any] | None = None, token: str | N
             return await c.call_tool(tool, args or {})
 
     return structured(trio.run(go))
+
+
+def error_of(url: str, tool: str, args: dict[str, Any]) -> str:
+    """The message of the tool error that calling `tool` must raise."""
+    with pytest.raises(ToolCallError) as ei:
+        call(url, tool, args)
+    return str(ei.value)
+
+
+def status_or_none(url: str, tool: str, args: dict[str, Any]) -> str | None:
+    """The `status` a status tool returns, or None while it answers with an error."""
+    try:
+        return str(call(url, tool, args)["status"])
+    except ToolCallError:
+        return None
 
 
 def call_raw(url: str, tool: str, args: dict[str, Any]) -> Any:

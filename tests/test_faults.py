@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mcpp.harness import ProcessCluster, node_status
 
-from conftest import TOKEN, call, wait_until
+from conftest import TOKEN, call, error_of, status_or_none, wait_until
 
 
 def _connected(url: str) -> set[str]:
@@ -108,9 +108,9 @@ def test_capabilities_are_advertised_in_the_dht_and_filtered(tmp_path: Path) -> 
         assert call(w.mcp_url, "peer_list", {"capability": "tpu"})["total"] == 0
 
 
-def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) -> None:
-    """The outsider has no bootstrap list, so only `persistent` can bring the link back."""
-    import subprocess
+def _outsider(tmp_path: Path, mesh_dir: Path) -> tuple[list[str], str, str, int]:
+    """A node with no bootstrap list (it dials nobody by itself) that holds the mesh's swarm key
+    and MCP token: argv, peer id, base url (/status; MCP at /mcp), p2p port."""
     import sys
 
     from mcpp import identity
@@ -121,13 +121,20 @@ def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) 
     identity.save(kp, key)
     p2p, mcp = free_ports(2)
     argv = [sys.executable, "-m", "mcpp", "node", "--role", "bootstrap", "--identity", str(key),
-            "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp), "--data-dir", str(tmp_path / "o")]
-    outsider_id = identity.peer_id_of(kp)
-    outsider_url = f"http://127.0.0.1:{mcp}"
+            "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp), "--data-dir", str(tmp_path / "o"),
+            "--swarm-key-file", str(mesh_dir / "secrets" / "swarm.key"),
+            "--token-file", str(mesh_dir / "secrets" / "token")]
+    return argv, identity.peer_id_of(kp), f"http://127.0.0.1:{mcp}", p2p
+
+
+def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) -> None:
+    """The outsider has no bootstrap list, so only `persistent` can bring the link back."""
+    import subprocess
+
     with ProcessCluster(2, tmp_path / "mesh", token=TOKEN) as c:
         a = c.record("node-1")
         # outside the mesh's membership, but inside its private network: it holds the swarm key
-        argv += ["--swarm-key-file", str(tmp_path / "mesh" / "secrets" / "swarm.key")]
+        argv, outsider_id, outsider_url, p2p = _outsider(tmp_path, tmp_path / "mesh")
         out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
         try:
             wait_until(lambda: node_status(outsider_url) is not None, 20)
@@ -143,6 +150,41 @@ def test_persistent_link_to_a_node_outside_the_mesh_is_redialed(tmp_path: Path) 
             assert a.peer_id in node_status(outsider_url)["connected"]  # it was dialed, it did not dial
             call(a.mcp_url, "peer_disconnect", {"peer_id": outsider_id})
             assert outsider_id not in known()
+        finally:
+            out.kill()
+            out.wait(10)
+
+
+def test_a_peer_that_failed_a_dial_is_reachable_again_as_soon_as_it_is_back(tmp_path: Path) -> None:
+    """libp2p refuses to dial a peer for 60 s after one failed dial (its negative cache); an rpc
+    call (here: reading a workflow through a node that does not own it) must reach the owner as
+    soon as it is back, e.g. after a healed partition, without waiting for it to dial in."""
+    import subprocess
+
+    with ProcessCluster(2, tmp_path / "mesh", token=TOKEN) as c:
+        a = c.record("node-1")
+        argv, owner_id, owner_base, p2p = _outsider(tmp_path, tmp_path / "mesh")
+        owner_url = owner_base + "/mcp"
+        out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: node_status(owner_base) is not None, 20)
+            wid = call(owner_url, "workflow_submit", {"name": "w", "template": "diamond", "params": {"text": "x"}})["workflow_id"]
+            assert call(owner_url, "workflow_result", {"workflow_id": wid, "wait": True, "timeout_s": 30})["status"] == "completed"
+            call(a.mcp_url, "peer_connect", {"multiaddr": f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{owner_id}"})
+            assert call(a.mcp_url, "workflow_status", {"workflow_id": wid})["status"] == "completed"
+            out.kill()
+            out.wait(10)
+            # the owner is down: the read fails with a clear error, and libp2p's dial fails
+            wait_until(lambda: owner_id not in node_status(a.base_url)["connected"], 5)
+            msg = error_of(a.mcp_url, "workflow_status", {"workflow_id": wid})
+            assert "not reachable" in msg and "workflow_id" in msg, msg
+            out = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+            wait_until(lambda: node_status(owner_base) is not None, 20)
+            # it dials nobody and node-1 gave up on it (a gone peer is redialed every 30 s): the
+            # read itself dials, at most DEMAND_REDIAL_S after the last failure
+            took = wait_until(lambda: status_or_none(a.mcp_url, "workflow_status", {"workflow_id": wid}) == "completed", 4, interval_s=0.25)
+            print(f"read again after {took:.2f} s")
+            wait_until(lambda: a.peer_id in node_status(owner_base)["connected"], 5)  # and it is a peer again
         finally:
             out.kill()
             out.wait(10)

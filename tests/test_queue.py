@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from conftest import TOKEN, call, wait_until
+from conftest import TOKEN, call, error_of, wait_until
 from mcpp.harness import ProcessCluster
 from mcpp.mcp_client import ToolCallError, open_client, structured
 
@@ -79,12 +79,6 @@ def register(c: ProcessCluster, caps: dict[int, list[str]], max_concurrent: int 
 def wait_final(url: str, task_ids: list[str], timeout_s: float = 30) -> list[dict[str, Any]]:
     return many(url, [("task_result", {"task_id": t, "wait": True, "timeout_s": timeout_s, "include_history": True})
                       for t in task_ids])
-
-
-def error_of(url: str, tool: str, args: dict[str, Any]) -> str:
-    with pytest.raises(ToolCallError) as ei:
-        call(url, tool, args)
-    return str(ei.value)
 
 
 def test_submit_on_a_run_on_b_read_on_c(qc: ProcessCluster) -> None:

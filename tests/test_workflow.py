@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TOKEN, call, wait_until
+from conftest import TOKEN, call, error_of, wait_until
 from mcpp.harness import ProcessCluster
 from mcpp.mcp_client import ToolCallError
 from test_queue import many
@@ -37,12 +37,6 @@ def wc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessCluster]:
 
 def wf_result(url: str, wf_id: str, timeout_s: float = 30) -> dict[str, Any]:
     return call(url, "workflow_result", {"workflow_id": wf_id, "wait": True, "timeout_s": timeout_s})
-
-
-def error_of(url: str, tool: str, args: dict[str, Any]) -> str:
-    with pytest.raises(ToolCallError) as ei:
-        call(url, tool, args)
-    return str(ei.value)
 
 
 DIAMOND = [

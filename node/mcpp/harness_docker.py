@@ -70,6 +70,23 @@ def _key_tar(key: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _own_subnet() -> Any:
+    """IPAM config with a /24 that no Docker network on this engine uses yet."""
+    import ipaddress
+
+    import docker
+
+    client = docker.from_env()
+    used = [ipaddress.ip_network(c["Subnet"], strict=False)
+            for n in client.networks.list(greedy=True)
+            for c in ((n.attrs.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")]
+    for third in range(256):
+        net = ipaddress.ip_network(f"10.213.{third}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(net))])
+    raise HarnessError("no free 10.213.x.0/24 subnet for the cluster network")
+
+
 @dataclass
 class DockerCluster(_ClusterCommon):
     """N nodes as containers. Use as a context manager (or call start/stop)."""
@@ -91,6 +108,7 @@ class DockerCluster(_ClusterCommon):
     _containers: dict[str, Any] = field(default_factory=dict)
     _roles: dict[str, str] = field(default_factory=dict)
     _ports: dict[str, int] = field(default_factory=dict)
+    _partitioned: dict[str, str] = field(default_factory=dict)  # name -> its address, while cut off
     _network: Any = None
     backend = "docker"
 
@@ -124,7 +142,9 @@ class DockerCluster(_ClusterCommon):
             identity.save(identity.generate(), boot_key)
         boot_id = identity.peer_id_of(identity.load(boot_key))
         self._init_secrets()
-        self._network = Network(docker_network_kw={"labels": self._labels()}).create()
+        # an explicit subnet: only then can a partitioned node reconnect with its own address
+        # (a partition cuts links; it does not renumber the node, which advertises its address)
+        self._network = Network(docker_network_kw={"labels": self._labels(), "ipam": _own_subnet()}).create()
         ports = free_ports(self.size)
         t0 = time.monotonic()
         for i in range(self.size):
@@ -249,10 +269,20 @@ class DockerCluster(_ClusterCommon):
 
     def disconnect(self, name: str) -> None:
         """Cut the node off the mesh network (its MCP port stays reachable from the host)."""
+        self._partitioned[name] = self.ip(name)
         self._network._unwrap_network.disconnect(self._wrapped(name), force=True)
 
     def connect(self, name: str) -> None:
-        self._network.connect(self._wrapped(name).id, network_aliases=[name])
+        """Heal a partition: back on the mesh network, at the address it had."""
+        ip = self._partitioned.pop(name, None)
+        self._network._unwrap_network.connect(self._wrapped(name), aliases=[name], ipv4_address=ip)
+
+    def ip(self, name: str) -> str:
+        """The node's address on the cluster network ("" while it is cut off)."""
+        w = self._wrapped(name)
+        w.reload()
+        net = w.attrs["NetworkSettings"]["Networks"].get(self._network.name) or {}
+        return str(net.get("IPAddress") or "")
 
     def logs(self, name: str, lines: int = 40) -> str:
         try:

@@ -64,6 +64,8 @@ REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
 MAX_BACKOFF_S = 4.0
 DIAL_GRACE_S = 2.0
+DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most this often
+DEMAND_DIAL_TIMEOUT_S = 5.0
 MAX_PINGS_PER_S = 10.0
 MAX_BOOTSTRAP_PEERS = 100
 
@@ -103,6 +105,7 @@ class Node:
             max_inflight_per_peer=config.max_inflight_per_peer,
             allow=self.peer_allowed if self._allowed is not None else None,
             on_limit=metrics.limit_hit,
+            connect=self.connect_for_rpc,
         )
         # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
         # a truer RTT; echo is the same work through the normal task-per-request path
@@ -127,6 +130,7 @@ class Node:
         self._backoff: dict[str, _Backoff] = {}
         self._gone: dict[str, float] = {}
         self._blocked: dict[str, float] = {}
+        self._demand_failed: dict[str, float] = {}
         self._providing = False
         self._finding = False
         self._last_provide = 0.0
@@ -321,14 +325,44 @@ class Node:
         with dial_errors(peer_id):
             pid = ID.from_base58(peer_id)
             mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
-            # our own backoff decides when to retry; libp2p's 60 s negative cache would keep a
-            # restarted bootstrap unreachable for a minute
-            unblock = getattr(self.host.get_network(), "unblock_peer", None)
-            if unblock is not None:
-                unblock(pid)
+            self._unblock(pid)  # else a restarted bootstrap stays unreachable for a minute
             with trio.fail_after(timeout_s):
                 await self.host.connect(PeerInfo(pid, mas))
         await self._hello(peer_id, source, max(0.1, deadline - trio.current_time()))
+
+    async def connect_for_rpc(self, peer_id: str) -> None:
+        """An rpc call to a peer without a connection dials it now, at the addresses known for it.
+
+        This replaces libp2p's own dial-on-new_stream, whose negative cache refuses a peer for
+        60 s after one failed dial (a healed partition would stay cut off for a minute). A failed
+        dial here is remembered for DEMAND_REDIAL_S only; hello follows from the watch loop.
+        Raises PeerUnreachable."""
+        pid = ID.from_base58(peer_id)
+        if self.host.get_network().get_connections(pid):
+            return
+        failed = self._demand_failed.get(peer_id)
+        if failed is not None and time.monotonic() - failed < DEMAND_REDIAL_S:
+            raise PeerUnreachable(peer_id, f"not connected; a dial {time.monotonic() - failed:.1f} s ago failed")
+        rec = self.table.get(peer_id)
+        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid)]))
+        if not addrs:
+            raise PeerUnreachable(peer_id, "not connected and no address known")
+        try:
+            with dial_errors(peer_id), trio.fail_after(DEMAND_DIAL_TIMEOUT_S):
+                self._unblock(pid)
+                await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]))
+        except (PeerUnreachable, trio.TooSlowError) as e:
+            self._demand_failed[peer_id] = time.monotonic()
+            if isinstance(e, trio.TooSlowError):
+                raise PeerUnreachable(peer_id, f"dial timed out after {DEMAND_DIAL_TIMEOUT_S} s") from None
+            raise
+        self._demand_failed.pop(peer_id, None)
+
+    def _unblock(self, pid: ID) -> None:
+        """Our own backoff decides when to retry: lift libp2p's 60 s negative cache."""
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(pid)
 
     async def _background_dial(self, peer_id: str, addrs: list[str], source: str) -> None:
         if peer_id in self._dialing or peer_id == self.peer_id:
@@ -413,6 +447,9 @@ class Node:
             for pid, until in list(self._blocked.items()):
                 if until < now:
                     del self._blocked[pid]
+            for pid, t in list(self._demand_failed.items()):
+                if now - t > DEMAND_REDIAL_S:
+                    del self._demand_failed[pid]
             await trio.sleep(WATCH_S)
 
     def _ping_every_s(self) -> float:

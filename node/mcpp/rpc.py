@@ -162,6 +162,7 @@ class RpcEndpoint:
         max_inflight_per_peer: int = MAX_IN_FLIGHT_PER_STREAM,
         allow: Callable[[str], bool] | None = None,
         on_limit: Callable[[str], None] | None = None,
+        connect: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._host = host
         self._max = max_message_bytes
@@ -175,6 +176,7 @@ class RpcEndpoint:
         self._on_call = on_call
         self._allow = allow
         self._on_limit = on_limit or (lambda limit: None)
+        self._connect = connect
         self._max_inflight_per_peer = max_inflight_per_peer
         self._peer_limits: dict[str, trio.Semaphore] = {}
         self.traffic: dict[str, PeerTraffic] = {}
@@ -254,6 +256,8 @@ class RpcEndpoint:
                 return ch
             if self._nursery is None:
                 raise StreamBroken(peer_id, "rpc endpoint is not running")
+            if self._connect is not None:
+                await self._connect(peer_id)  # the owner's dial policy, not libp2p's 60 s negative cache
             try:
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [PROTOCOL])
             except Exception as e:
