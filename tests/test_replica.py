@@ -61,3 +61,27 @@ def test_async_replication_copies_within_moments(tmp_path: Path) -> None:
         call(a.mcp_url, "queue_resume", {})
         # finished tasks are forgotten by the replica (final states follow in batches)
         wait_until(lambda: call(b.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"] == 0, 15)
+
+
+def test_a_replica_cut_off_from_a_live_owner_does_not_adopt(tmp_path: Path) -> None:
+    """Injected: the node holding node-1's replicas is restarted with an allowlist that leaves
+    node-1 out: the link between those two alone is broken, node-1 is alive and connected to the
+    others. Checked: after owner_timeout_s the holder probes node-1 through the other nodes and
+    declines to adopt; node-1 keeps its queued tasks (nothing runs twice)."""
+    args = ["--owner-timeout-s", "2", "--replication", "sync"]
+    with ProcessCluster(4, tmp_path, node_args=args, token=TOKEN) as c:
+        owner = c.record("node-1")
+        call(owner.mcp_url, "queue_pause", {})
+        for i in range(5):
+            call(owner.mcp_url, "task_submit", {"task_type": "echo", "payload": i})
+        held = {n.name: call(n.mcp_url, "queue_stats", {"scope": "local"})["replicas_held"] for n in c.nodes}
+        holder = next(name for name, n in held.items() if n >= 5 and name != "node-1")
+        c.kill(holder, signal.SIGTERM)
+        others = [n.peer_id for n in c.nodes if n.name != "node-1"]
+        h = c.restart(holder, extra_args=["--allow-peers", *others])
+        assert call(h.mcp_url, "queue_stats", {"scope": "local"})["replicas_held"] >= 5  # on its disk
+        wait_until(lambda: call(h.mcp_url, "queue_stats", {"scope": "local"})["adoptions_declined"] >= 1, 15)
+        local = call(h.mcp_url, "queue_stats", {"scope": "local"})
+        assert local["adopted"] == 0, local
+        assert call(owner.mcp_url, "task_list", {"scope": "local", "status": "queued"})["total"] == 5
+        assert owner.peer_id not in {p["peer_id"] for p in call(h.mcp_url, "peer_list", {"status": "all"})["peers"]}

@@ -16,7 +16,8 @@ observed completion is recorded. After the load stops and every node runs again,
 - no node is left wedged (each answers /readyz and runs a fresh task end to end).
 
 It writes DIR/verdict.json = {accepted, completed, retried, lost, duplicated, faults, ok, ...}
-and DIR/record.json (every submit and observation), and prints the verdict.
+and DIR/record.json (every submit and observation), keeps each node's log in DIR/logs/, and
+prints the verdict.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ log = logging.getLogger("mcpp.chaos")
 console = Console()
 FINAL = {"completed", "failed", "cancelled", "dead_lettered"}
 WF_FINAL = {"completed", "failed", "cancelled"}
+LOG_LINES_KEPT = 20_000
 INJECTED = ("kill -9", "restart (SIGTERM)", "pause", "partition")
 CALL_TIMEOUT_S = 5.0  # a call to a paused node must not stall the load
 
@@ -368,6 +370,10 @@ def run_chaos(cfg: ChaosConfig, show: bool = True) -> dict[str, Any]:
             verdict = trio.run(chaos.main, None)
         record = {"accepted": chaos.rec.accepted, "workflows": chaos.rec.workflows,
                   "observations": chaos.rec.observations, "faults": chaos.rec.faults}
+        logs = cfg.out / "logs"  # kept for the post-mortem (containers are removed on exit)
+        logs.mkdir(exist_ok=True)
+        for n in cluster.nodes:
+            (logs / f"{n.name}.log").write_text(cluster.logs(n.name, lines=LOG_LINES_KEPT))
     verdict["wall_s"] = round(time.monotonic() - t0, 1)
     verdict["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     (cfg.out / "verdict.json").write_text(json.dumps(verdict, indent=2))

@@ -437,17 +437,18 @@ class ProcessCluster(_ClusterCommon):
         env.update(self.env or {})
         return env
 
-    def _spawn(self, proc: _Proc) -> None:
+    def _spawn(self, proc: _Proc, extra_args: Sequence[str] = ()) -> None:
+        argv = [*proc.argv, *extra_args]
         if self.fork_server:
             if self._server is None:
                 self._server = _ForkServer(self._env(), str(self.directory))
-            proc.popen = self._server.spawn(proc.argv[3:], proc.log_path)  # argv after "python -m mcpp"
+            proc.popen = self._server.spawn(argv[3:], proc.log_path)  # argv after "python -m mcpp"
             return
         env = self._env()
         log = open(proc.log_path, "ab")
         try:
             proc.popen = subprocess.Popen(
-                proc.argv,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -530,12 +531,13 @@ class ProcessCluster(_ClusterCommon):
         p = self._procs[name].popen
         return None if p is None else p.poll()
 
-    def restart(self, name: str) -> NodeRecord:
-        """Start a stopped node again with the same arguments (same identity and ports)."""
+    def restart(self, name: str, extra_args: Sequence[str] = ()) -> NodeRecord:
+        """Start a stopped node again with the same arguments (same identity and ports), plus
+        `extra_args` for this run only (e.g. a changed allowlist)."""
         if self.is_running(name):
             raise HarnessError(f"{name} is still running")
         proc = self._procs[name]
-        self._spawn(proc)
+        self._spawn(proc, extra_args)
         self.nodes = self._wait_records([name])
         self.write_cluster_file()
         return self.record(name)

@@ -156,4 +156,7 @@ def dial_errors(peer_id: str) -> Iterator[None]:
     except PeerUnreachable:
         raise
     except Exception as e:  # libp2p has no common root for dial failures
-        raise PeerUnreachable(peer_id, f"{type(e).__name__}: {e}".strip()) from e
+        detail = f"{type(e).__name__}: {e}".strip()
+        if e.__cause__ is not None:  # e.g. SwarmDialAllFailedError from a MultiError of each address's error
+            detail += f" [{type(e.__cause__).__name__}: {e.__cause__}]"
+        raise PeerUnreachable(peer_id, detail[:1000]) from e

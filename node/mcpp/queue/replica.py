@@ -12,7 +12,10 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
 - When the replica set changes (a replica left, a closer peer joined), the owner sends every
   active record to the new members.
 - A replica that holds non-final records of an owner that has not been connected for
-  `owner_timeout_s` adopts them: it stores them as its own (same task ids) and queues them. Any
+  `owner_timeout_s` first probes it: it pings it (dialing it), then asks every connected peer
+  whether it still has the owner as a peer (SWIM's indirect probe). Only if none does, it
+  adopts them: it stores them as its own (same task ids) and queues them. (A link broken
+  between the replica and a live owner alone must not run the owner's tasks twice.) Any
   node then finds them through `q.where` (service.locate). At-least-once: a task the dead
   owner had running runs again.
 - An owner that comes back asks each peer (`r.adopted`) which of its tasks were adopted and
@@ -43,6 +46,7 @@ log = logging.getLogger("mcpp.replica")
 REPLICATE_WAIT_S = 2.0
 FINAL_FLUSH_S = 0.5
 CHECK_EVERY_S = 1.0
+PROBE_TIMEOUT_S = 2.0
 PUSH_BATCH = 200
 
 _SCHEMA = """
@@ -104,9 +108,12 @@ class Replicator:
         self._finals: list[str] = []
         self._last_set: tuple[str, ...] = ()
         self._absent_since: dict[str, float] = {}
+        self._probing: set[str] = set()
         self.adopted_count = 0
+        self.adoptions_declined = 0
         q.serve("r.put", self._rpc_put)
         q.serve("r.adopted", self._rpc_adopted)
+        q.serve("r.sees", self._rpc_sees)
         q.broker.final_hooks.append(self._on_final)
         q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._reconcile, pid))
 
@@ -214,6 +221,12 @@ class Replicator:
         rows = self.db.execute("SELECT task_id FROM adopted WHERE from_owner = ?", (peer,)).fetchall()
         return [r[0] for r in rows]
 
+    async def _rpc_sees(self, peer: str, p: Any) -> Any:
+        owner = p.get("owner") if isinstance(p, dict) else None
+        if not isinstance(owner, str):
+            raise ArgumentError("owner", "must be a peer id string")
+        return {"connected": owner in self.q._peers()}
+
     def held(self) -> dict[str, int]:
         rows = self.db.execute("SELECT owner, COUNT(*) FROM replicas GROUP BY owner").fetchall()
         return {str(o): int(n) for o, n in rows}
@@ -269,9 +282,44 @@ class Replicator:
                 self._absent_since.pop(owner, None)
                 continue
             since = self._absent_since.setdefault(owner, mono)
-            if mono - since >= self.owner_timeout_s:
-                self._absent_since.pop(owner, None)
+            if mono - since >= self.owner_timeout_s and owner not in self._probing:
+                self._probing.add(owner)
+                self.q.node._spawn(self._probe_then_adopt, owner)
+
+    async def _probe_then_adopt(self, owner: str) -> None:
+        try:
+            alive = await self._alive(owner)
+            self._absent_since.pop(owner, None)  # alive: look again after another owner_timeout_s
+            if alive:
+                self.adoptions_declined += 1
+                log.info("owner unreachable from here but alive: not adopting", extra=kv(owner=owner, via=alive))
+            elif owner not in self.q._peers():
                 self.adopt(owner)
+        finally:
+            self._probing.discard(owner)
+
+    async def _alive(self, owner: str) -> str | None:
+        """Who still reaches `owner`: "self" (it answers a ping), a peer that has it connected, or None."""
+        try:
+            await self.q.node.ping(owner, timeout_s=PROBE_TIMEOUT_S)
+            return "self"
+        except MCPPError:
+            pass
+        seen: list[str] = []
+
+        async def ask(peer: str) -> None:
+            try:
+                r = await self.q._call(peer, "r.sees", {"owner": owner}, PROBE_TIMEOUT_S)
+            except MCPPError:
+                return
+            if isinstance(r, dict) and r.get("connected") is True:
+                seen.append(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.q._peers():
+                if peer != owner:
+                    nursery.start_soon(ask, peer)
+        return seen[0] if seen else None
 
 
 def owner_is(rec: TaskRecord, me: str) -> bool:

@@ -274,6 +274,7 @@ class QueueService:
         out["timed"] = self.broker.stats.n_timed
         out["replicas_held"] = sum(self.replicator.held().values())
         out["adopted"] = self.replicator.adopted_count
+        out["adoptions_declined"] = self.replicator.adoptions_declined
         return out
 
     async def _rpc_done(self, peer: str, p: Any) -> Any:
@@ -435,7 +436,7 @@ class QueueService:
         answers, failed = await self._gather("q.stats", {}, peers)
         keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
                 "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
-                "replicas_held", "adopted")
+                "replicas_held", "adopted", "adoptions_declined")
         out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in keys}
         by_type: dict[str, dict[str, int]] = {}
         for a in answers.values():
