@@ -45,7 +45,8 @@ def test_kill9_leaves_tables_and_bootstrap_restart_reforms(tmp_path: Path) -> No
 
 
 def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
-    """A worker whose bootstrap is not up yet is alive but not ready."""
+    """A worker whose bootstrap is not up yet is alive but not ready; restarted on the same data
+    dir it is the same peer."""
     import subprocess
     import sys
 
@@ -57,8 +58,9 @@ def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
     identity.save(kp, key)
     p2p, mcp_w, mcp_b = free_ports(3)
     boot_addr = f"/ip4/127.0.0.1/tcp/{p2p}/p2p/{identity.peer_id_of(kp)}"
-    base = [sys.executable, "-m", "mcpp", "node", "--data-dir", str(tmp_path / "d")]
-    worker = subprocess.Popen(base + ["--bootstrap", boot_addr, "--mcp-port", str(mcp_w)], stderr=subprocess.DEVNULL)
+    base = [sys.executable, "-m", "mcpp", "node"]
+    worker_argv = base + ["--data-dir", str(tmp_path / "w"), "--bootstrap", boot_addr, "--mcp-port", str(mcp_w)]
+    worker = subprocess.Popen(worker_argv, stderr=subprocess.DEVNULL)
     boot = None
     try:
         import httpx
@@ -68,11 +70,19 @@ def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
         assert httpx.get(url + "/healthz").status_code == 200
         assert httpx.get(url + "/readyz").status_code == 503
         boot = subprocess.Popen(
-            base + ["--role", "bootstrap", "--identity", str(key), "--listen", f"/ip4/127.0.0.1/tcp/{p2p}",
-                    "--mcp-port", str(mcp_b)],
+            base + ["--data-dir", str(tmp_path / "b"), "--role", "bootstrap", "--identity", str(key),
+                    "--listen", f"/ip4/127.0.0.1/tcp/{p2p}", "--mcp-port", str(mcp_b)],
             stderr=subprocess.DEVNULL,
         )
         wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, 20)
+        first_id = node_status(url)["peer_id"]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+        # no --identity: the key was kept in the data dir, so the restarted worker is the same peer
+        assert (tmp_path / "w" / "identity.key").exists()
+        worker = subprocess.Popen(worker_argv, stderr=subprocess.DEVNULL)
+        wait_until(lambda: (node_status(url) or {}).get("ready") is True, 20)
+        assert node_status(url)["peer_id"] == first_id
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(10) == 0
         boot.send_signal(signal.SIGINT)

@@ -85,3 +85,31 @@ def test_a_replica_cut_off_from_a_live_owner_does_not_adopt(tmp_path: Path) -> N
         assert local["adopted"] == 0, local
         assert call(owner.mcp_url, "task_list", {"scope": "local", "status": "queued"})["total"] == 5
         assert owner.peer_id not in {p["peer_id"] for p in call(h.mcp_url, "peer_list", {"status": "all"})["peers"]}
+
+
+def test_copies_of_tasks_that_finished_while_the_replica_was_away_are_dropped(tmp_path: Path) -> None:
+    """Injected: the replica holder is stopped (SIGSTOP) until the owner drops it, the owner's 10
+    tasks finish meanwhile (their final batch cannot reach it), then SIGCONT. Checked: when the
+    two meet again the replica asks the owner and drops the 10 stale copies (else it would hold
+    them, and adopt finished tasks if the owner died later)."""
+    with ProcessCluster(3, tmp_path, node_args=["--replication", "sync"], token=TOKEN) as c:
+        owner = c.record("node-1")
+        call(owner.mcp_url, "queue_pause", {})
+        ids = [call(owner.mcp_url, "task_submit", {"task_type": "echo", "payload": i})["task_id"] for i in range(10)]
+        held = {n.name: call(n.mcp_url, "queue_stats", {"scope": "local"})["replicas_held"] for n in c.nodes}
+        holder = c.record(next(name for name, n in held.items() if n >= 10 and name != "node-1"))
+        c.kill(holder.name, signal.SIGSTOP)
+        try:
+            wait_until(lambda: holder.peer_id not in _peers(owner.mcp_url), 20)
+            call(owner.mcp_url, "queue_resume", {})
+            for tid in ids:
+                assert call(owner.mcp_url, "task_result", {"task_id": tid, "wait": True, "timeout_s": 20})["status"] == "completed"
+        finally:
+            c.kill(holder.name, signal.SIGCONT)
+        wait_until(lambda: holder.peer_id in _peers(owner.mcp_url), 30)
+        took = wait_until(lambda: call(holder.mcp_url, "queue_stats", {"scope": "local"})["replicas_held"] == 0, 25)
+        print(f"stale copies dropped {took:.1f} s after the owner saw the replica again")
+
+
+def _peers(url: str) -> set[str]:
+    return {p["peer_id"] for p in call(url, "peer_list", {})["peers"]}

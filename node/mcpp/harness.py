@@ -212,7 +212,17 @@ class _ForkServer:
         self._reader.join(5)
 
 
-class _ClusterCommon:
+@dataclass(kw_only=True)
+class _Secrets:
+    """Issue 8: a token for MCP, a swarm key for the mesh. Both are generated unless given;
+    secure=False runs open nodes (no token, no swarm key)."""
+
+    token: str | None = None  # MCP bearer token
+    swarm_key: str | None = None  # private-network key (64 hex characters)
+    secure: bool = True
+
+
+class _ClusterCommon(_Secrets):
     """What every backend shares: readiness and formation waits, records, cluster.json.
     A backend provides nodes, directory, progress, formed_in_s, up_in_s, backend, logs_hint,
     is_running(name), logs(name) and stop()."""
@@ -280,11 +290,7 @@ class _ClusterCommon:
                 )
             time.sleep(POLL_S)
 
-    # ---- secrets (issue 8): a token for MCP, a swarm key for the mesh ----------------------
-    token: str | None = None
-    swarm_key: str | None = None  # 64 hex characters
-    secure: bool = True
-
+    # ---- secrets ---------------------------------------------------------------------------
     def _init_secrets(self) -> None:
         """Generate what was not given (once: restarts reuse them); secure=False runs open nodes."""
         from mcpp.config import new_token, parse_swarm_key
@@ -353,9 +359,6 @@ class ProcessCluster(_ClusterCommon):
     formation_timeout_s: float = 60.0
     progress: ProgressFn | None = None
     fork_server: bool = True  # fork nodes from a pre-imported server (False: exec each node cold)
-    token: str | None = None  # MCP bearer token; generated unless secure=False
-    swarm_key: str | None = None  # private-network key (64 hex); generated unless secure=False
-    secure: bool = True
     nodes: list[NodeRecord] = field(default_factory=list)
     formed_in_s: float = 0.0
     up_in_s: float = 0.0  # until every node's endpoint answered (process start-up included)

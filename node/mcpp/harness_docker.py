@@ -102,9 +102,6 @@ class DockerCluster(_ClusterCommon):
     formed_in_s: float = 0.0
     up_in_s: float = 0.0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
-    token: str | None = None  # MCP bearer token; generated unless secure=False
-    swarm_key: str | None = None  # private-network key (64 hex); generated unless secure=False
-    secure: bool = True
     _containers: dict[str, Any] = field(default_factory=dict)
     _roles: dict[str, str] = field(default_factory=dict)
     _ports: dict[str, int] = field(default_factory=dict)

@@ -64,6 +64,7 @@ REDIAL_BLOCK_S = 30.0
 HISTORY_WINDOW = 11
 MAX_BACKOFF_S = 4.0
 DIAL_GRACE_S = 2.0
+IDENTITY_FILE = "identity.key"  # in data_dir, when no identity is configured
 DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most this often
 DEMAND_DIAL_TIMEOUT_S = 5.0
 MAX_PINGS_PER_S = 10.0
@@ -953,8 +954,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     from mcpp.queue.model import parse_quotas
 
     parse_quotas(config.quotas)
-    kp = identity.load_or_generate(config.identity)
     os.makedirs(config.data_dir, exist_ok=True)
+    # without --identity the key lives with the data: a restarted node is the same peer, and
+    # still owns the tasks and workflows its database holds
+    kp = identity.load_or_generate(config.identity or os.path.join(config.data_dir, IDENTITY_FILE))
     host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key)
     metrics = NodeMetrics()
     try:

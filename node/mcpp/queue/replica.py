@@ -19,7 +19,10 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
   node then finds them through `q.where` (service.locate). At-least-once: a task the dead
   owner had running runs again.
 - An owner that comes back asks each peer (`r.adopted`) which of its tasks were adopted and
-  drops them, so one record per task survives.
+  drops them, so one record per task survives. A replica asks an owner that (re)joins which
+  of the copies it holds are finished (`r.finished`), and asks again every HELD_CHECK_S about
+  copies not updated for as long: final states sent while the two were apart are not lost (a
+  failed final batch is also sent again while that replica is in the set).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ REPLICATE_WAIT_S = 2.0
 FINAL_FLUSH_S = 0.5
 CHECK_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+HELD_CHECK_S = 10.0
 PUSH_BATCH = 200
 
 _SCHEMA = """
@@ -109,6 +113,8 @@ class Replicator:
         self._last_set: tuple[str, ...] = ()
         self._absent_since: dict[str, float] = {}
         self._probing: set[str] = set()
+        self._checking: set[str] = set()
+        self._last_held_check = time.monotonic()
         self.adopted_count = 0
         self.adoptions_declined = 0
         q.serve("r.put", self._rpc_put)
@@ -116,6 +122,8 @@ class Replicator:
         q.serve("r.sees", self._rpc_sees)
         q.broker.final_hooks.append(self._on_final)
         q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._reconcile, pid))
+        q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._drop_finished, pid))
+        q.serve("r.finished", self._rpc_finished)
 
     # ---- owner side --------------------------------------------------------------------
     def replica_peers(self) -> list[str]:
@@ -159,19 +167,31 @@ class Replicator:
         finally:
             self._flushing = False
 
-    async def _send(self, peers: list[str], body: dict[str, Any]) -> None:
+    async def _send(self, peers: list[str], body: dict[str, Any]) -> list[str]:
+        """r.put to each peer; returns the peers it failed for."""
+        failed: list[str] = []
+
         async def one(pid: str) -> None:
             try:
                 await self.q._call(pid, "r.put", body, REPLICATE_WAIT_S)
             except MCPPError as e:
+                failed.append(pid)
                 log.warning("replication failed", extra=kv(peer=pid, error=str(e)))
 
         async with trio.open_nursery() as n:
             for pid in peers:
                 n.start_soon(one, pid)
+        return failed
+
+    async def _send_finals(self, peers: list[str], finals: list[str]) -> None:
+        """Finished tasks, so the replicas forget them. Kept for the next flush while a replica
+        that is still in the set did not get them (else it would adopt finished tasks)."""
+        failed = await self._send(peers, {"records": [], "final": finals})
+        if set(failed) & set(self.replica_peers()):
+            self._finals[:0] = finals
 
     def _on_final(self, rec: TaskRecord) -> None:
-        if self.copies > 0 and owner_is(rec, self.me):
+        if self.copies > 0 and rec.owner == self.me:
             self._finals.append(rec.task_id)
 
     async def _push_active(self, peers: list[str]) -> None:
@@ -194,6 +214,39 @@ class Replicator:
                         extra=kv(peer=peer, tasks=dropped))
 
     # ---- replica side ------------------------------------------------------------------
+    async def _drop_finished(self, owner: str, older_than_s: float = 0.0) -> None:
+        """Forget the copies of an owner's tasks that finished while their final batch could
+        not reach this node (a partition, a restart); the owner says which. Run when the owner
+        (re)joins, and every HELD_CHECK_S for copies not updated for as long."""
+        if owner in self._checking:
+            return
+        self._checking.add(owner)
+        try:
+            ids = [r[0] for r in self.db.execute("SELECT task_id FROM replicas WHERE owner = ? AND received_at < ?",
+                                                 (owner, time.time() - older_than_s))]
+            for i in range(0, len(ids), PUSH_BATCH):
+                done = await self.q._call(owner, "r.finished", {"ids": ids[i : i + PUSH_BATCH]}, 10.0)
+                if isinstance(done, list) and done:
+                    self.db.executemany("DELETE FROM replicas WHERE task_id = ? AND owner = ?",
+                                        [(t, owner) for t in done if isinstance(t, str)])
+                    log.info("dropped copies of tasks that finished meanwhile", extra=kv(owner=owner, tasks=len(done)))
+        except MCPPError:
+            pass
+        finally:
+            self._checking.discard(owner)
+
+    async def _rpc_finished(self, peer: str, p: Any) -> Any:
+        """Of these ids of mine, the ones a replica may forget: final here, or not mine any more."""
+        ids = p.get("ids") if isinstance(p, dict) else None
+        if not isinstance(ids, list) or len(ids) > PUSH_BATCH:
+            raise ArgumentError("ids", f"must be a list of at most {PUSH_BATCH} task ids")
+        out = []
+        for t in ids:
+            rec = self.q.store.get(t) if isinstance(t, str) else None
+            if rec is None or rec.final:
+                out.append(t)
+        return out
+
     async def _rpc_put(self, peer: str, p: Any) -> Any:
         recs = p.get("records") if isinstance(p, dict) else None
         finals = p.get("final") if isinstance(p, dict) else None
@@ -270,13 +323,18 @@ class Replicator:
         peers = self.replica_peers()
         if self._finals and peers:
             finals, self._finals = self._finals, []
-            self.q.node._spawn(self._send, peers, {"records": [], "final": finals})
+            self.q.node._spawn(self._send_finals, peers, finals)
         new = [p for p in peers if p not in self._last_set]
         if new:
             self.q.node._spawn(self._push_active, new)
         self._last_set = tuple(peers)
         connected = set(self.q._peers())
         mono = time.monotonic()
+        if mono - self._last_held_check >= HELD_CHECK_S:
+            self._last_held_check = mono
+            for owner in self.held():
+                if owner in connected:
+                    self.q.node._spawn(self._drop_finished, owner, HELD_CHECK_S)
         for owner in self.held():
             if owner in connected or owner == self.me:
                 self._absent_since.pop(owner, None)
@@ -321,6 +379,3 @@ class Replicator:
                     nursery.start_soon(ask, peer)
         return seen[0] if seen else None
 
-
-def owner_is(rec: TaskRecord, me: str) -> bool:
-    return rec.owner == me
