@@ -26,7 +26,7 @@ from conftest import TOKEN, call, status_or_none, wait_until
 from mcpp.config import new_swarm_key
 from mcpp.harness import free_ports, read_cluster_file
 from mcpp.harness_docker import DockerCluster, reap
-from mcpp.image import IMAGE_TAG, ImageBuild, build_image
+from mcpp.image import IMAGE_TAG, SOURCE_LABEL, ImageBuild, build_image, source_digest, stale_image_hint
 
 REPO = Path(__file__).parent.parent
 BUILTIN = ["echo", "sleep", "sha256", "fail"]
@@ -85,6 +85,8 @@ def test_image_runs_non_root_with_a_working_healthcheck(node_image: ImageBuild) 
         assert cfg["User"] == "10001:10001"
         assert {"4001/tcp", "8765/tcp"} <= set(cfg["ExposedPorts"])
         assert cfg["Healthcheck"]["Test"][-1] == "healthcheck"
+        # the image records which sources it holds: the harness refuses a stale one
+        assert cfg["Labels"][SOURCE_LABEL] == source_digest(REPO) and stale_image_hint(IMAGE_TAG) is None
         c = client.containers.run(IMAGE_TAG, detach=True, environment={"MCPP_ROLE": "bootstrap"},
                                   labels={"mcpp.harness": "1"})
         try:
@@ -282,3 +284,17 @@ def test_cluster_up_backend_docker_cli(node_image: ImageBuild, tmp_path: Path) -
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=mcpp.run={data['run_id']}"],
                           capture_output=True, text=True).stdout.split()
     assert left == []
+
+
+def test_the_source_digest_follows_every_file_that_goes_into_the_image(tmp_path: Path) -> None:
+    (tmp_path / "node" / "mcpp" / "queue").mkdir(parents=True)
+    files = [tmp_path / "pyproject.toml", tmp_path / "node" / "Dockerfile", tmp_path / "node" / "mcpp" / "queue" / "x.py"]
+    for f in files:
+        f.write_text("v1")
+    seen = {source_digest(tmp_path)}
+    for f in files:
+        f.write_text(f.read_text() + "+")
+        seen.add(source_digest(tmp_path))
+    (tmp_path / "node" / "mcpp" / "notes.txt").write_text("not code")
+    seen.add(source_digest(tmp_path))
+    assert len(seen) == 4  # each change to what is built moved it; a non-source file did not

@@ -32,7 +32,7 @@ os.environ.setdefault("TC_HOST", "127.0.0.1")
 from mcpp import identity  # noqa: E402
 from mcpp.errors import HarnessError, NodeStartError  # noqa: E402
 from mcpp.harness import POLL_S, NodeRecord, ProgressFn, _ClusterCommon, free_ports, poll_statuses  # noqa: E402
-from mcpp.image import IMAGE_TAG, image_exists  # noqa: E402
+from mcpp.image import IMAGE_TAG, image_exists, stale_image_hint  # noqa: E402
 
 __all__ = ["DockerCluster", "reap", "LABEL"]
 
@@ -132,6 +132,8 @@ class DockerCluster(_ClusterCommon):
 
         if not image_exists(self.image):
             raise HarnessError(f"image {self.image} not found: build it with `mcpp image build`")
+        if self.image == IMAGE_TAG and (why := stale_image_hint(self.image)) is not None:
+            raise HarnessError(why)  # else a run would test yesterday's code
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "keys").mkdir(exist_ok=True)
         boot_key = self.directory / "keys" / "node-0.key"

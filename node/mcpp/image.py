@@ -94,6 +94,32 @@ def _deps_stamp(root: Path) -> str:
     return hashlib.sha256((root / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[:16]
 
 
+SOURCE_LABEL = "mcpp.source"
+
+
+def source_digest(root: Path) -> str:
+    """A digest of what goes into the image: the package, pyproject.toml and the Dockerfile."""
+    h = hashlib.sha256()
+    for f in sorted([*(root / "node" / "mcpp").rglob("*.py"), root / "pyproject.toml", root / "node" / "Dockerfile"]):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stale_image_hint(tag: str) -> str | None:
+    """Why `tag` does not hold this source tree's code, or None (it does, or there is no tree)."""
+    try:
+        root = repo_root()
+    except HarnessError:
+        return None  # an installed mcpp: nothing to compare with
+    res = subprocess.run(["docker", "image", "inspect", "--format", "{{ index .Config.Labels \"%s\" }}" % SOURCE_LABEL, tag],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"image {tag} not found: build it with `mcpp image build`"
+    if res.stdout.strip() != source_digest(root):
+        return f"image {tag} was built from other sources than {root / 'node'}: rebuild it with `mcpp image build`"
+    return None
+
+
 def build_wheels(root: Path, cache: Path, say: object = print) -> Path:
     """Fill cache/context/{deps,app} and copy the Dockerfile there; returns the context dir."""
     ctx = cache / "context"
@@ -133,7 +159,7 @@ def build_image(tag: str = IMAGE_TAG, rebuild_base: bool = False, say: object = 
     t2 = time.monotonic()
     say(f"image: docker build -t {tag} (BASE_IMAGE={BASE_TAG})")  # type: ignore[operator]
     _run(["docker", "build", *(["--no-cache"] if cold else []), "--build-arg", f"BASE_IMAGE={BASE_TAG}", "-t", tag,
-          str(ctx)], "docker build")
+          "--label", f"{SOURCE_LABEL}={source_digest(root)}", str(ctx)], "docker build")
     t3 = time.monotonic()
     return ImageBuild(tag, built, round(t1 - t0, 2), round(t2 - t1, 2), round(t3 - t2, 2), round(t3 - t0, 2),
                       image_size_mb(tag))
