@@ -17,7 +17,8 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="MULTIADDR", help="libp2p listen address, e.g. /ip4/127.0.0.1/tcp/4001")
     p.add_argument("--announce", metavar="MULTIADDR", nargs="+", help="addresses to advertise instead")
     p.add_argument("--bootstrap", metavar="MULTIADDR", nargs="+", help="bootstrap peers (/ip4/../tcp/../p2p/<id>)")
-    p.add_argument("--identity", metavar="FILE", help="node key file (created if missing): a stable peer id")
+    p.add_argument("--identity", metavar="FILE",
+                   help="node key file (created if missing): a stable peer id [default: DATA_DIR/identity.key]")
     p.add_argument("--mcp-host", metavar="H")
     p.add_argument("--mcp-port", metavar="P", type=int)
     p.add_argument("--mcp-transport", choices=["http", "stdio"])

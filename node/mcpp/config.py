@@ -45,7 +45,7 @@ class NodeConfig:
     listen: str = ""  # "" = the role's default (DEFAULT_*_LISTEN)
     announce: tuple[str, ...] = ()  # addresses to advertise instead of the listen address
     bootstrap: tuple[str, ...] = ()
-    identity: str | None = None
+    identity: str | None = None  # key file; None = <data_dir>/identity.key (kept across restarts)
     data_dir: str = "mcpp-data"
     mcp_transport: Literal["http", "stdio"] = "http"
     mcp_host: str = "127.0.0.1"
