@@ -83,3 +83,20 @@ def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:
     assert s["errors"] == 0 and s["calls"] > 0 and s["calls_per_s"] > 0
     assert set(s["per_tool"]) == {"task_submit", "task_result", "peer_list", "queue_stats", "workflow_submit"}
     assert (out / "locust_stats.csv").exists()
+
+
+def test_a_failed_measurement_keeps_the_logs_it_names(tmp_path: Path) -> None:
+    """The scratch dir is removed after a run; the logs a failure points at are copied out."""
+    from mcpp.bench import _keep_failed_logs
+
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    logs = scratch / "cluster50-fork-open" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "node-6.log").write_text("node-6 never joined")
+    results = {"formation": [{"nodes": 50, "error": f"mesh not formed (Hint: check the logs in {logs})"}],
+               "startup": {"startup_s_median": 1.3}}
+    kept = _keep_failed_logs(results, scratch, out)
+    copy = out / "failed-logs" / "cluster50-fork-open" / "logs"
+    assert (copy / "node-6.log").read_text() == "node-6 never joined"
+    assert kept["formation"][0]["error"] == f"mesh not formed (Hint: check the logs in {copy})"
+    assert kept["startup"] == results["startup"]

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -50,6 +51,19 @@ def _guard(fn: Any, base: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:
         console.print(f"[red]measurement failed: {str(e).splitlines()[0]}[/]")
         return {**base, "error": str(e).splitlines()[0]}
+
+
+def _keep_failed_logs(results: dict[str, Any], tmp: Path, out: Path) -> dict[str, Any]:
+    """A failed measurement names the logs to check, in the scratch dir that the run removes:
+    copy those logs to OUT/failed-logs/ and point the results there."""
+    text = json.dumps(results)
+    for m in sorted(set(re.findall(re.escape(str(tmp)) + r"/[\w./-]*logs", text))):
+        src = Path(m)
+        dst = out / "failed-logs" / src.relative_to(tmp)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+            text = text.replace(m, str(dst))
+    return dict(json.loads(text))
 
 
 def _git_sha() -> str:
@@ -580,6 +594,7 @@ def run(args: argparse.Namespace) -> int:
                 task_samples[label] = results["queue"][key].pop("samples_ms")
         console.print(f"queue: {results['queue']}")
         results["plots"] = _plots(out, results, samples, task_samples)
+        results = _keep_failed_logs(results, tmp, out)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         md = _markdown(results, command)
         (out / "results.md").write_text(md)
