@@ -261,6 +261,8 @@ class _ClusterCommon(_Secrets):
     def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
         """Wait until every running node lists all the other running nodes as connected.
 
+        Each node's latest answer counts: a node too busy to answer one poll in time (50 nodes
+        on 2 cores) keeps its previous reading instead of counting as seeing nobody.
         Returns seconds since `_t0` (or since the call). Raises NodeStartError with logs on timeout.
         """
         t0 = time.monotonic() if _t0 is None else _t0
@@ -268,24 +270,28 @@ class _ClusterCommon(_Secrets):
         live = [r for r in self.nodes if self.is_running(r.name)]
         want = (len(live) - 1) if expect is None else expect
         ids = {r.peer_id for r in live}
-        last: dict[str, int] = {}
+        last: dict[str, int] = {r.name: 0 for r in live}
+        ok: dict[str, bool] = {r.name: False for r in live}
+        unanswered: dict[str, int] = {r.name: 0 for r in live}
         while True:
-            done = 0
             for r, st in zip(live, poll_statuses([r.base_url for r in live], self.headers())):
-                seen = set(st.get("connected", [])) & ids if st else set()
+                if st is None:
+                    unanswered[r.name] += 1
+                    continue
+                seen = set(st.get("connected", [])) & ids
                 last[r.name] = len(seen)
-                if len(seen) >= want and st and st.get("ready"):
-                    done += 1
+                ok[r.name] = len(seen) >= want and bool(st.get("ready"))
+            done = sum(ok.values())
             if self.progress:
                 self.progress(done, len(live), "forming")
             if done == len(live):
                 return time.monotonic() - t0
             if time.monotonic() > deadline:
-                worst = min(last, key=lambda n: last[n])
+                worst = min(last, key=lambda n: (ok[n], last[n]))
                 raise NodeStartError(
                     worst,
                     f"mesh not formed in {timeout_s:g} s: it sees {last[worst]} of {want} peers "
-                    f"(Hint: {self.logs_hint})",
+                    f"({unanswered[worst]} of its /status polls unanswered) (Hint: {self.logs_hint})",
                     self.logs(worst),
                 )
             time.sleep(POLL_S)
