@@ -36,7 +36,7 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert data["startup"]["startup_s_median"] > 0 and data["idle"]["idle_rss_mb_mean"] > 0
-    assert [f["nodes"] for f in data["formation"]] == [5, 10, 20]
+    assert [f["nodes"] for f in data["formation"]] == [5, 10]
     assert all(f.get("formed_in_s", 0) > 0 for f in data["formation"]), data["formation"]
     rpc = data["rpc"]["mcpp rpc echo (task per request), node to node process"]
     floor = data["rpc"]["trio TCP echo, same framing (floor)"]
@@ -61,7 +61,7 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "x Dask" in (out / "results.md").read_text()
     ct = data["containers"]
     assert "error" not in ct, ct
-    assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4, 8]
+    assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4]
     assert len(ct["formation"][0]["rss_mb_per_container"]) == 4
     systems = data["systems"]
     assert sorted(systems) == ["celery", "dask", "mcpp", "ray"]

@@ -529,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
             results["idle"] = measure_cluster(tmp, 5, 5.0, fork_server=False, private=True)
         console.print(f"idle: {results['idle']}")
         results["formation"] = []
-        for n in (5, 10, 20) if quick else (5, 10, 20, 50):
+        for n in (5, 10) if quick else (5, 10, 20, 50):
             with console.status(f"mesh formation, {n} nodes (fork server)"):
                 f = _guard(lambda n=n: measure_cluster(tmp, n, 0), {"nodes": n, "fork_server": True})
             results["formation"].append(f)
