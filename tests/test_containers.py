@@ -288,7 +288,9 @@ def test_cluster_up_backend_docker_cli(node_image: ImageBuild, tmp_path: Path) -
 
 def test_the_source_digest_follows_every_file_that_goes_into_the_image(tmp_path: Path) -> None:
     (tmp_path / "node" / "mcpp" / "queue").mkdir(parents=True)
-    files = [tmp_path / "pyproject.toml", tmp_path / "node" / "Dockerfile", tmp_path / "node" / "mcpp" / "queue" / "x.py"]
+    (tmp_path / "node" / "mcpp" / "workflow" / "templates").mkdir(parents=True)
+    files = [tmp_path / "pyproject.toml", tmp_path / "node" / "Dockerfile", tmp_path / "node" / "mcpp" / "queue" / "x.py",
+             tmp_path / "node" / "mcpp" / "workflow" / "templates" / "t.yaml"]
     for f in files:
         f.write_text("v1")
     seen = {source_digest(tmp_path)}
@@ -297,4 +299,4 @@ def test_the_source_digest_follows_every_file_that_goes_into_the_image(tmp_path:
         seen.add(source_digest(tmp_path))
     (tmp_path / "node" / "mcpp" / "notes.txt").write_text("not code")
     seen.add(source_digest(tmp_path))
-    assert len(seen) == 4  # each change to what is built moved it; a non-source file did not
+    assert len(seen) == 5  # each change to what is built moved it; a non-source file did not

@@ -531,3 +531,13 @@ def test_clearing_a_dependency_fails_its_dependents(qc: ProcessCluster) -> None:
         assert r["status"] == "failed" and "cancelled" in r["error"]
     finally:
         call(url, "queue_resume", {})
+
+
+@pytest.mark.parametrize("task_id", ["x@12D3KooW" + "0" * 44, "x@ééé"])
+def test_a_task_id_whose_owner_cannot_be_a_peer_is_a_clear_error(qc: ProcessCluster, task_id: str) -> None:
+    """The owner part of a task id is parsed as a peer id only when it is dialed: a bad one is
+    an error that names task_id, not an internal error."""
+    msg = error_of(qc.nodes[0].mcp_url, "task_status", {"task_id": task_id})
+    assert msg.startswith("Error executing tool task_status: task_id: "), msg
+    if task_id.startswith("x@12D3"):  # looks like a peer id, so it is dialed: and refused as one
+        assert "not reachable" in msg and "not a valid peer id" in msg, msg

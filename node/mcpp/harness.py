@@ -47,6 +47,7 @@ __all__ = [
 
 CLUSTER_FILE = "cluster.json"
 POLL_S = 0.2  # status polls cost the nodes CPU: 20 nodes x 5 Hz is plenty
+MAX_MISSED_POLLS = 3  # wait_formed: after this many unanswered /status polls in a row a node counts as down
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -261,8 +262,9 @@ class _ClusterCommon(_Secrets):
     def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
         """Wait until every running node lists all the other running nodes as connected.
 
-        Each node's latest answer counts: a node too busy to answer one poll in time (50 nodes
-        on 2 cores) keeps its previous reading instead of counting as seeing nobody.
+        Each node's latest answer counts: a node too busy to answer a poll in time (50 nodes on
+        2 cores) keeps its previous reading instead of counting as seeing nobody, unless it
+        missed MAX_MISSED_POLLS in a row or its process ended.
         Returns seconds since `_t0` (or since the call). Raises NodeStartError with logs on timeout.
         """
         t0 = time.monotonic() if _t0 is None else _t0
@@ -277,7 +279,10 @@ class _ClusterCommon(_Secrets):
             for r, st in zip(live, poll_statuses([r.base_url for r in live], self.headers())):
                 if st is None:
                     unanswered[r.name] += 1
+                    if unanswered[r.name] >= MAX_MISSED_POLLS or not self.is_running(r.name):
+                        ok[r.name] = False  # not a busy node any more: a dead or hung one
                     continue
+                unanswered[r.name] = 0
                 seen = set(st.get("connected", [])) & ids
                 last[r.name] = len(seen)
                 ok[r.name] = len(seen) >= want and bool(st.get("ready"))
@@ -291,7 +296,7 @@ class _ClusterCommon(_Secrets):
                 raise NodeStartError(
                     worst,
                     f"mesh not formed in {timeout_s:g} s: it sees {last[worst]} of {want} peers "
-                    f"({unanswered[worst]} of its /status polls unanswered) (Hint: {self.logs_hint})",
+                    f"({unanswered[worst]} /status polls in a row unanswered) (Hint: {self.logs_hint})",
                     self.logs(worst),
                 )
             time.sleep(POLL_S)

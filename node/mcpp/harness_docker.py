@@ -268,7 +268,9 @@ class DockerCluster(_ClusterCommon):
 
     def disconnect(self, name: str) -> None:
         """Cut the node off the mesh network (its MCP port stays reachable from the host)."""
-        self._partitioned[name] = self.ip(name)
+        ip = self.ip(name)
+        if ip:  # a second disconnect (already cut off) must not forget the address
+            self._partitioned.setdefault(name, ip)
         self._network._unwrap_network.disconnect(self._wrapped(name), force=True)
 
     def connect(self, name: str) -> None:

@@ -95,12 +95,15 @@ def _deps_stamp(root: Path) -> str:
 
 
 SOURCE_LABEL = "mcpp.source"
+_PACKAGED = {".py", ".yaml", ".yml", ".json", ".typed"}
 
 
 def source_digest(root: Path) -> str:
-    """A digest of what goes into the image: the package, pyproject.toml and the Dockerfile."""
+    """A digest of what goes into the image: the package (code and its data files, e.g. the
+    workflow templates), pyproject.toml and the Dockerfile."""
     h = hashlib.sha256()
-    for f in sorted([*(root / "node" / "mcpp").rglob("*.py"), root / "pyproject.toml", root / "node" / "Dockerfile"]):
+    pkg = [f for f in (root / "node" / "mcpp").rglob("*") if f.is_file() and f.suffix in _PACKAGED]
+    for f in sorted([*pkg, root / "pyproject.toml", root / "node" / "Dockerfile"]):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -338,7 +338,10 @@ class Node:
         60 s after one failed dial (a healed partition would stay cut off for a minute). A failed
         dial here is remembered for DEMAND_REDIAL_S only; hello follows from the watch loop.
         Raises PeerUnreachable."""
-        pid = ID.from_base58(peer_id)
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception as e:  # e.g. an owner id taken from a malformed task id
+            raise PeerUnreachable(peer_id, f"not a valid peer id ({type(e).__name__})") from None
         if self.host.get_network().get_connections(pid):
             return
         failed = self._demand_failed.get(peer_id)
@@ -349,13 +352,14 @@ class Node:
         if not addrs:
             raise PeerUnreachable(peer_id, "not connected and no address known")
         try:
-            with dial_errors(peer_id), trio.fail_after(DEMAND_DIAL_TIMEOUT_S):
+            with trio.fail_after(DEMAND_DIAL_TIMEOUT_S), dial_errors(peer_id):
                 self._unblock(pid)
                 await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]))
-        except (PeerUnreachable, trio.TooSlowError) as e:
+        except trio.TooSlowError:
             self._demand_failed[peer_id] = time.monotonic()
-            if isinstance(e, trio.TooSlowError):
-                raise PeerUnreachable(peer_id, f"dial timed out after {DEMAND_DIAL_TIMEOUT_S} s") from None
+            raise PeerUnreachable(peer_id, f"dial timed out after {DEMAND_DIAL_TIMEOUT_S} s") from None
+        except BaseException:  # failed, or cut short by the caller's own timeout: throttle either way
+            self._demand_failed[peer_id] = time.monotonic()
             raise
         self._demand_failed.pop(peer_id, None)
 

@@ -51,6 +51,8 @@ FINAL_FLUSH_S = 0.5
 CHECK_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 HELD_CHECK_S = 10.0
+FINAL_BATCH = 5000
+MAX_RETRY_FINALS = 50_000
 PUSH_BATCH = 200
 
 _SCHEMA = """
@@ -186,9 +188,13 @@ class Replicator:
     async def _send_finals(self, peers: list[str], finals: list[str]) -> None:
         """Finished tasks, so the replicas forget them. Kept for the next flush while a replica
         that is still in the set did not get them (else it would adopt finished tasks)."""
-        failed = await self._send(peers, {"records": [], "final": finals})
-        if set(failed) & set(self.replica_peers()):
-            self._finals[:0] = finals
+        failed: set[str] = set()
+        for i in range(0, len(finals), FINAL_BATCH):  # r.put reads at most FINAL_BATCH ids a message
+            failed.update(await self._send(peers, {"records": [], "final": finals[i : i + FINAL_BATCH]}))
+        if failed & set(self.replica_peers()):
+            # bounded: what does not fit is caught by the replica's periodic r.finished check
+            self._finals[:0] = finals[-MAX_RETRY_FINALS:]
+            del self._finals[MAX_RETRY_FINALS:]
 
     def _on_final(self, rec: TaskRecord) -> None:
         if self.copies > 0 and rec.owner == self.me:
@@ -263,7 +269,7 @@ class Replicator:
             self.db.executemany("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?)", rows)
             if finals:
                 self.db.executemany("DELETE FROM replicas WHERE task_id = ? AND owner = ?",
-                                    [(t, peer) for t in finals[:5000] if isinstance(t, str)])
+                                    [(t, peer) for t in finals[:FINAL_BATCH] if isinstance(t, str)])
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
