@@ -325,11 +325,21 @@ class Node:
         deadline = trio.current_time() + timeout_s
         with dial_errors(peer_id):
             pid = ID.from_base58(peer_id)
-            mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
-            self._unblock(pid)  # else a restarted bootstrap stays unreachable for a minute
-            with trio.fail_after(timeout_s):
-                await self.host.connect(PeerInfo(pid, mas))
+        await self._connect(pid, addrs, timeout_s)
         await self._hello(peer_id, source, max(0.1, deadline - trio.current_time()))
+
+    async def _connect(self, pid: ID, addrs: list[str], timeout_s: float) -> None:
+        """A libp2p connection to pid at addrs within timeout_s, whatever libp2p's negative cache
+        says (our own backoffs decide when to retry; else a restarted bootstrap stays unreachable
+        for a minute). Raises PeerUnreachable."""
+        peer_id = pid.to_base58()
+        try:
+            with trio.fail_after(timeout_s), dial_errors(peer_id):
+                mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
+                self._unblock(pid)
+                await self.host.connect(PeerInfo(pid, mas))
+        except trio.TooSlowError:
+            raise PeerUnreachable(peer_id, f"dial timed out after {timeout_s:g} s") from None
 
     async def connect_for_rpc(self, peer_id: str) -> None:
         """An rpc call to a peer without a connection dials it now, at the addresses known for it.
@@ -352,12 +362,7 @@ class Node:
         if not addrs:
             raise PeerUnreachable(peer_id, "not connected and no address known")
         try:
-            with trio.fail_after(DEMAND_DIAL_TIMEOUT_S), dial_errors(peer_id):
-                self._unblock(pid)
-                await self.host.connect(PeerInfo(pid, [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]))
-        except trio.TooSlowError:
-            self._demand_failed[peer_id] = time.monotonic()
-            raise PeerUnreachable(peer_id, f"dial timed out after {DEMAND_DIAL_TIMEOUT_S} s") from None
+            await self._connect(pid, addrs, DEMAND_DIAL_TIMEOUT_S)
         except BaseException:  # failed, or cut short by the caller's own timeout: throttle either way
             self._demand_failed[peer_id] = time.monotonic()
             raise
