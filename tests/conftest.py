@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import ToolCallError, open_client, structured
+from mcpp.mcp.client import ToolCallError, open_client, structured
 
 # One MCP bearer token for every cluster the tests start (each cluster still gets its own swarm
 # key): helpers send it on every call. test_security.py checks what happens without it.

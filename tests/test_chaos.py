@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mcpp.chaos import Chaos, ChaosConfig
+from mcpp.evidence.chaos import Chaos, ChaosConfig
 
 CI_DURATION_S = 45
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 from mcp import Client, StdioServerParameters
 
-from mcpp import identity
+from mcpp.net import identity
 
 from conftest import wait_until
 

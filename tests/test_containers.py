@@ -25,8 +25,8 @@ import pytest
 from conftest import TOKEN, call, status_or_none, wait_until
 from mcpp.config import new_swarm_key
 from mcpp.harness import free_ports, read_cluster_file
-from mcpp.harness_docker import DockerCluster, reap
-from mcpp.image import IMAGE_TAG, SOURCE_LABEL, ImageBuild, build_image, source_digest, stale_image_hint
+from mcpp.harness.docker import DockerCluster, reap
+from mcpp.harness.image import IMAGE_TAG, SOURCE_LABEL, ImageBuild, build_image, source_digest, stale_image_hint
 
 REPO = Path(__file__).parent.parent
 BUILTIN = ["echo", "sleep", "sha256", "fail"]

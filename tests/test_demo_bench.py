@@ -87,7 +87,7 @@ def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:
 
 def test_a_failed_measurement_keeps_the_logs_it_names(tmp_path: Path) -> None:
     """The scratch dir is removed after a run; the logs a failure points at are copied out."""
-    from mcpp.bench import _keep_failed_logs
+    from mcpp.evidence.bench import _keep_failed_logs
 
     scratch, out = tmp_path / "scratch", tmp_path / "out"
     logs = scratch / "cluster50-fork-open" / "logs"

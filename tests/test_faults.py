@@ -50,7 +50,7 @@ def test_readyz_is_503_until_joined_and_sigterm_exits_0(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from mcpp import identity
+    from mcpp.net import identity
     from mcpp.harness import free_ports
 
     key = tmp_path / "boot.key"
@@ -123,7 +123,7 @@ def _outsider(tmp_path: Path, mesh_dir: Path) -> tuple[list[str], str, str, int]
     and MCP token: argv, peer id, base url (/status; MCP at /mcp), p2p port."""
     import sys
 
-    from mcpp import identity
+    from mcpp.net import identity
     from mcpp.harness import free_ports
 
     key = tmp_path / "outsider.key"

@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 
 from conftest import TOKEN, call
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import open_client
-from mcpp.mcp_server import PEER_TOOLS, QUEUE_TOOLS, WORKFLOW_TOOLS
+from mcpp.mcp.client import open_client
+from mcpp.mcp.server import PEER_TOOLS, QUEUE_TOOLS, WORKFLOW_TOOLS
 
 EXAMPLES = int(os.environ.get("MCPP_FUZZ_EXAMPLES", "40"))
 CALL_TIMEOUT_S = 60.0

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from conftest import TOKEN
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.config import DEFAULT_MCP_PORT, ENV_PREFIX, SETTINGS, parse_swarm_key
 from mcpp.harness import ProcessCluster
-from mcpp.harness_docker import MCP_PORT, P2P_PORT
-from mcpp.image import IMAGE_TAG
+from mcpp.harness.docker import MCP_PORT, P2P_PORT
+from mcpp.harness.image import IMAGE_TAG
 
 REPO = Path(__file__).parent.parent
 

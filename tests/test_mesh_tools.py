@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from mcpp.harness import ProcessCluster, node_status
-from mcpp.mcp_client import ToolCallError
+from mcpp.mcp.client import ToolCallError
 
 from conftest import TOKEN, call, call_raw, wait_until
 
@@ -32,7 +32,7 @@ def test_mesh_forms_through_the_dht(cluster: ProcessCluster) -> None:
 
 def test_every_node_serves_the_peer_tools_and_probes(cluster: ProcessCluster) -> None:
     import trio
-    from mcpp.mcp_client import open_client
+    from mcpp.mcp.client import open_client
 
     async def names(url: str) -> set[str]:
         async with open_client(url, TOKEN) as c:

@@ -17,7 +17,7 @@ import trio
 
 from conftest import TOKEN, call, error_of, wait_until
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import ToolCallError, open_client, structured
+from mcpp.mcp.client import ToolCallError, open_client, structured
 
 TESTS = Path(__file__).parent
 ALL = ["echo", "sleep", "sha256", "fail", "reverse", "upper"]

@@ -11,10 +11,10 @@ import multiaddr
 import pytest
 import trio
 
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.errors import ArgumentError, FrameError, RemoteError, RPCTimeout
-from mcpp.p2p import PeerInfo, make_host
-from mcpp.rpc import PROTOCOL, FrameReader, RpcEndpoint, encode_frame
+from mcpp.net.p2p import PeerInfo, make_host
+from mcpp.net.rpc import PROTOCOL, FrameReader, RpcEndpoint, encode_frame
 
 
 def _reader(chunks: list[bytes], max_bytes: int = 1024) -> FrameReader:

@@ -20,12 +20,12 @@ import pytest
 import trio
 
 from conftest import TOKEN, call, wait_until
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.config import parse_swarm_key
 from mcpp.harness import ProcessCluster, free_ports, node_status
-from mcpp.mcp_client import ToolCallError
-from mcpp.p2p import make_host, parse_peer_multiaddr
-from mcpp.rpc import PROTOCOL, FrameReader, encode_frame
+from mcpp.mcp.client import ToolCallError
+from mcpp.net.p2p import make_host, parse_peer_multiaddr
+from mcpp.net.rpc import PROTOCOL, FrameReader, encode_frame
 
 MCP_HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TOKEN, call, error_of, wait_until
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import ToolCallError
+from mcpp.mcp.client import ToolCallError
 from test_queue import many
 from test_queue import register as register_all
 

@@ -63,7 +63,7 @@ _NODE_KEYS = (
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from mcpp import identity
+    from mcpp.net import identity
 
     kp = identity.generate()
     identity.save(kp, args.out, overwrite=args.force)
@@ -72,7 +72,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_peer_id(args: argparse.Namespace) -> int:
-    from mcpp import identity
+    from mcpp.net import identity
 
     print(identity.peer_id_of(identity.load(args.file)))
     return 0
@@ -111,7 +111,7 @@ def _cmd_swarm_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_seed(args: argparse.Namespace) -> int:
-    from mcpp import seed
+    from mcpp.harness import seed
 
     seeds = []
     for spec in args.seed:
@@ -138,19 +138,19 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from mcpp import harness_cli
+    from mcpp.harness import cli as harness_cli
 
     return harness_cli.run(args)
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
-    from mcpp import task_cli
+    from mcpp.mcp import task_cli
 
     return task_cli.run(args)
 
 
 def _cmd_workflow(args: argparse.Namespace) -> int:
-    from mcpp import workflow_cli
+    from mcpp.mcp import workflow_cli
 
     return workflow_cli.run(args)
 
@@ -168,7 +168,7 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
-    from mcpp.image import build_image
+    from mcpp.harness.image import build_image
 
     b = build_image(args.tag, rebuild_base=args.rebuild_base)
     print(f"built {b.tag}: {b.size_mb} MB in {b.total_s} s (base {'built' if b.base_built else 'cached'} "
@@ -177,25 +177,25 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from mcpp import loadtest
+    from mcpp.evidence import loadtest
 
     return loadtest.run(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mcpp import demo
+    from mcpp.evidence import demo
 
     return demo.run(args)
 
 
 def _cmd_chaos(args: argparse.Namespace) -> int:
-    from mcpp import chaos
+    from mcpp.evidence import chaos
 
     return chaos.run(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from mcpp import bench
+    from mcpp.evidence import bench
 
     return bench.run(args)
 
@@ -250,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_cluster)
 
     p = sub.add_parser("task", help="submit / inspect tasks through a node's MCP endpoint")
-    from mcpp.task_cli import add_arguments
+    from mcpp.mcp.task_cli import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_task)
 
     p = sub.add_parser("workflow", help="run a YAML workflow template; workflow status / result / graph")
-    from mcpp.workflow_cli import add_arguments as add_workflow_arguments
+    from mcpp.mcp.workflow_cli import add_arguments as add_workflow_arguments
 
     add_workflow_arguments(p)
     p.set_defaults(fn=_cmd_workflow)

@@ -9,7 +9,7 @@ import trio
 
 from mcpp.config import NodeConfig
 from mcpp.log import kv
-from mcpp.mcp_server import build_server, serve_http, serve_stdio
+from mcpp.mcp.server import build_server, serve_http, serve_stdio
 from mcpp.node import open_node
 
 __all__ = ["run_node"]

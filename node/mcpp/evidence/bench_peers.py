@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from mcpp.harness import free_ports
-from mcpp.peers import percentile
+from mcpp.net.peers import percentile
 
 __all__ = ["measure_celery", "measure_dask", "measure_ray", "sha256_rounds", "PeerCounts"]
 
@@ -89,7 +89,7 @@ def _timed(fn: Callable[[], Any], n: int) -> float:
 _CELERY_APP = '''
 import os
 from celery import Celery
-from mcpp.bench_peers import sha256_rounds
+from mcpp.evidence.bench_peers import sha256_rounds
 
 app = Celery("mcppbench", broker=os.environ["MCPP_BENCH_REDIS"], backend=os.environ["MCPP_BENCH_REDIS"])
 app.conf.update(result_expires=3600, broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,

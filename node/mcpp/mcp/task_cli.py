@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
     """The node's MCP URL and bearer token: --url / $MCPP_URL / node-0 of .cluster/cluster.json;
     the token from $MCPP_TOKEN / $MCPP_TOKEN_FILE, else from .cluster/cluster.json."""
-    from mcpp.mcp_client import token_from_env
+    from mcpp.mcp.client import token_from_env
 
     f = Path(".cluster") / "cluster.json"
     cluster = json.loads(f.read_text()) if f.exists() else None
@@ -113,7 +113,7 @@ def _calls(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
 async def _run(url: str, token: str | None, calls: list[tuple[str, dict[str, Any]]], then_wait: bool) -> list[Any]:
     """The raw results, stopping at the first error (raising inside the session would arrive
     wrapped in an exception group)."""
-    from mcpp.mcp_client import open_client
+    from mcpp.mcp.client import open_client
 
     out: list[Any] = []
     async with open_client(url, token) as c:
@@ -128,13 +128,13 @@ async def _run(url: str, token: str | None, calls: list[tuple[str, dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
-    from mcpp.mcp_client import ToolCallError, structured
+    from mcpp.mcp.client import ToolCallError, structured
 
     url, token = _endpoint(args)
     try:
         raw = trio.run(_run, url, token, _calls(args), bool(getattr(args, "wait", False)) and args.task_command == "submit")
     except (OSError, BaseExceptionGroup) as e:
-        from mcpp.mcp_client import explain_failure
+        from mcpp.mcp.client import explain_failure
 
         print(f"mcpp: error: {explain_failure(url, token, e)}", file=sys.stderr)
         return 2

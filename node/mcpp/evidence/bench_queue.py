@@ -19,9 +19,9 @@ import trio
 
 from mcpp.config import NodeConfig
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import open_client, structured
+from mcpp.mcp.client import open_client, structured
 from mcpp.node import Node, open_node
-from mcpp.peers import percentile
+from mcpp.net.peers import percentile
 
 __all__ = ["measure_queue"]
 
@@ -148,10 +148,10 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
         await _wait_views(node, 3)
         rt = await _round_trips(node, 300 if quick else 1000)
         out["api_task_rtt"] = {**_lat(rt), "samples_ms": rt}
-        from mcpp.bench_workflow import measure_step_overhead
+        from mcpp.evidence.bench_workflow import measure_step_overhead
 
         out["step_overhead"] = await measure_step_overhead(node, 20, 3 if quick else 7)
-        from mcpp.bench_workflow import measure_diamonds_in_process
+        from mcpp.evidence.bench_workflow import measure_diamonds_in_process
 
         out["diamonds_in_process"] = await measure_diamonds_in_process(node, 200)
         out["throughput"] = []
@@ -189,7 +189,7 @@ def measure_queue(tmp: Path, quick: bool) -> dict[str, Any]:
         out["idle_rss_mb_3_nodes"] = idle
         trio.run(_register_mcp_layout, c)
         out |= trio.run(_mcp_figures, c, 300 if quick else 1000)
-        from mcpp.bench_workflow import measure_mcpp_diamonds
+        from mcpp.evidence.bench_workflow import measure_mcpp_diamonds
 
         trio.run(_register, c, 3, 4)
         trio.run(trio.sleep, 1.0)

@@ -26,13 +26,13 @@ if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's 
     from mcpp.queue.service import QueueService
     from mcpp.workflow.engine import WorkflowEngine
 
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.config import NodeConfig
-from mcpp.dht import MESH_KEY, Dht, capability_key, open_dht
+from mcpp.net.dht import MESH_KEY, Dht, capability_key, open_dht
 from mcpp.errors import ArgumentError, ConfigError, MCPPError, PeerNotFound, PeerUnreachable, RPCError
 from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
-from mcpp.p2p import (
+from mcpp.net.p2p import (
     ID,
     IHost,
     PeerInfo,
@@ -42,8 +42,8 @@ from mcpp.p2p import (
     parse_peer_multiaddr,
     peer_multiaddrs,
 )
-from mcpp.peers import PeerRecord, PeerTable, percentile, quality
-from mcpp.rpc import RpcEndpoint
+from mcpp.net.peers import PeerRecord, PeerTable, percentile, quality
+from mcpp.net.rpc import RpcEndpoint
 
 __all__ = ["Node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
 

@@ -36,7 +36,7 @@ from mcpp.errors import (
     StreamBroken,
 )
 from mcpp.log import kv
-from mcpp.p2p import ID, IHost, INetStream, TProtocol, stream_peer_id
+from mcpp.net.p2p import ID, IHost, INetStream, TProtocol, stream_peer_id
 
 __all__ = [
     "PROTOCOL",

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from mcpp.errors import HarnessError
-from mcpp.harness import ProcessCluster, node_status, read_cluster_file
+from mcpp.harness.process import ProcessCluster, node_status, read_cluster_file
 
 __all__ = ["run", "nodes_table"]
 
@@ -50,7 +50,7 @@ def _up(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     cluster: Any
     if args.backend == "docker":
-        from mcpp.harness_docker import DockerCluster
+        from mcpp.harness.docker import DockerCluster
 
         cluster = DockerCluster(args.nodes, Path(args.dir), image=args.image, formation_timeout_s=args.timeout)
     else:
@@ -147,7 +147,7 @@ def _down(args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGKILL)
     removed = 0
     if data.get("backend") == "docker" and isinstance(data.get("run_id"), str):
-        from mcpp.harness_docker import reap
+        from mcpp.harness.docker import reap
 
         removed = reap(data["run_id"])  # whatever the harness did not remove itself
     console.print(f"stopped {len(pids)} nodes" + (f" ({len(left)} needed SIGKILL)" if left else "")

@@ -20,7 +20,7 @@ import psutil
 import trio
 
 from mcpp.harness import ProcessCluster
-from mcpp.mcp_client import open_client, structured
+from mcpp.mcp.client import open_client, structured
 from mcpp.node import Node
 
 __all__ = ["measure_step_overhead", "measure_diamonds_in_process", "measure_mcpp_diamonds", "measure_dask_diamonds",

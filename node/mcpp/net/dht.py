@@ -16,7 +16,7 @@ import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.tools.anyio_service import background_trio_service
 
-from mcpp.p2p import ID, IHost
+from mcpp.net.p2p import ID, IHost
 
 __all__ = ["Dht", "MESH_KEY", "capability_key", "open_dht"]
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.errors import HarnessError, NodeStartError
 
 __all__ = [
@@ -149,11 +149,11 @@ class _Forked:
 
 
 class _ForkServer:
-    """Client side of `python -m mcpp.zygote` (see zygote.py)."""
+    """Client side of `python -m mcpp.harness.zygote` (see zygote.py)."""
 
     def __init__(self, env: dict[str, str], tag: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mcpp.zygote", "--tag", tag],
+            [sys.executable, "-m", "mcpp.harness.zygote", "--tag", tag],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent,
         )
         self.exit_codes: dict[int, int] = {}
@@ -223,7 +223,7 @@ class _Secrets:
     secure: bool = True
 
 
-class _ClusterCommon(_Secrets):
+class ClusterCommon(_Secrets):
     """What every backend shares: readiness and formation waits, records, cluster.json.
     A backend provides nodes, directory, progress, formed_in_s, up_in_s, backend, logs_hint,
     is_running(name), logs(name) and stop()."""
@@ -359,7 +359,7 @@ class _Proc:
 
 
 @dataclass
-class ProcessCluster(_ClusterCommon):
+class ProcessCluster(ClusterCommon):
     """N nodes as local processes. Use as a context manager (or call start/stop)."""
 
     size: int

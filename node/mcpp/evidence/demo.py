@@ -17,8 +17,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from mcpp.harness import ProcessCluster
-from mcpp.harness_cli import nodes_table
-from mcpp.mcp_client import call_tool
+from mcpp.harness.cli import nodes_table
+from mcpp.mcp.client import call_tool
 
 __all__ = ["run"]
 
@@ -93,7 +93,7 @@ def _security_demo(cluster: ProcessCluster) -> None:
 
 
 async def _submit_many(url: str, token: str | None, n: int) -> list[str]:
-    from mcpp.mcp_client import open_client, structured
+    from mcpp.mcp.client import open_client, structured
 
     ids = []
     async with open_client(url, token) as c:

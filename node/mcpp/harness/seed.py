@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.errors import ArgumentError
 
 __all__ = ["Seed", "seed_from_key", "render", "FORMATS"]

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from mcpp.harness_docker import DockerCluster
-from mcpp.image import build_image
+from mcpp.harness.docker import DockerCluster
+from mcpp.harness.image import build_image
 
 __all__ = ["measure_containers"]
 

@@ -39,7 +39,7 @@ from rich.live import Live
 from rich.table import Table
 
 from mcpp.errors import HarnessError
-from mcpp.mcp_client import ToolCallError, call_tool
+from mcpp.mcp.client import ToolCallError, call_tool
 
 __all__ = ["run", "ChaosConfig", "run_chaos"]
 
@@ -350,7 +350,7 @@ def run_chaos(cfg: ChaosConfig, show: bool = True) -> dict[str, Any]:
     node_args = ["--lease-s", str(cfg.lease_s), "--log-level", "warning"]
     cluster: Any
     if cfg.backend == "docker":
-        from mcpp.harness_docker import DockerCluster
+        from mcpp.harness.docker import DockerCluster
 
         cluster = DockerCluster(cfg.nodes, cfg.out / "cluster", env={"MCPP_LEASE_S": str(cfg.lease_s)},
                                 formation_timeout_s=120)

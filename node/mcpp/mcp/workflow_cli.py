@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mcpp.errors import ArgumentError
-from mcpp.task_cli import _endpoint
+from mcpp.mcp.task_cli import _endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -62,7 +62,7 @@ class _Failed(Exception):
 
 
 async def _run(url: str, token: str | None, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    from mcpp.mcp_client import open_client
+    from mcpp.mcp.client import open_client
 
     def check(r: Any) -> dict[str, Any]:
         if r.is_error:
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         while isinstance(failed, BaseExceptionGroup):
             failed = failed.exceptions[0]
         if failed is None:
-            from mcpp.mcp_client import explain_failure
+            from mcpp.mcp.client import explain_failure
 
             print(f"mcpp: error: {explain_failure(url, token, eg)}", file=sys.stderr)
         else:

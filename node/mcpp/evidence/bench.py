@@ -31,12 +31,12 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from mcpp import identity
+from mcpp.net import identity
 from mcpp.config import NodeConfig
 from mcpp.harness import ProcessCluster, free_ports
 from mcpp.node import open_node
-from mcpp.peers import percentile
-from mcpp.rpc import encode_frame
+from mcpp.net.peers import percentile
+from mcpp.net.rpc import encode_frame
 
 __all__ = ["run"]
 
@@ -200,7 +200,7 @@ async def _raw_echo(muxer: str, calls: int) -> list[int]:
     """Write a small frame, read it back, on one libp2p stream between two in-process hosts."""
     import multiaddr
 
-    from mcpp.p2p import PeerInfo, TProtocol, make_host
+    from mcpp.net.p2p import PeerInfo, TProtocol, make_host
 
     proto = TProtocol("/mcpp/bench-echo/1")
 
@@ -557,22 +557,22 @@ def run(args: argparse.Namespace) -> int:
             samples[label] = v.pop("samples_ns")
             results["rpc"][label] = v
             console.print(f"{label}: {v}")
-        from mcpp.bench_queue import measure_queue
+        from mcpp.evidence.bench_queue import measure_queue
 
         task_samples: dict[str, list[float]] = {}
         with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
             results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
-        from mcpp.bench_containers import measure_containers
+        from mcpp.evidence.bench_containers import measure_containers
 
         with console.status("containers: image build, N-container formation, RSS per container"):
             results["containers"] = _guard(lambda: measure_containers(tmp, quick), {})
         console.print(f"containers: {results['containers']}")
-        from mcpp.bench_workflow import measure_dask_diamonds
+        from mcpp.evidence.bench_workflow import measure_dask_diamonds
 
         with console.status("Dask distributed: the same 200 diamonds"):
             results["dask_diamonds"] = _guard(lambda: measure_dask_diamonds(200, tmp), {})
         console.print(f"dask diamonds: {results['dask_diamonds']}")
-        from mcpp.bench_peers import PeerCounts, measure_celery, measure_dask, measure_ray
+        from mcpp.evidence.bench_peers import PeerCounts, measure_celery, measure_dask, measure_ray
 
         counts = PeerCounts(quick)
         results["params"] = {"rtt_tasks": counts.rtt, "noop_tasks": counts.noop, "cpu_tasks": counts.cpu,

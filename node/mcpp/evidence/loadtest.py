@@ -22,7 +22,7 @@ from rich.console import Console
 
 from mcpp.errors import ArgumentError, HarnessError
 from mcpp.harness import ProcessCluster
-from mcpp.image import repo_root
+from mcpp.harness.image import repo_root
 
 __all__ = ["run", "summarise"]
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     locustfile = repo_root() / "loadtests" / "locustfile.py"
     cluster: Any
     if args.backend == "docker":
-        from mcpp.harness_docker import DockerCluster
+        from mcpp.harness.docker import DockerCluster
 
         cluster = DockerCluster(args.nodes, out / "cluster")
     else:

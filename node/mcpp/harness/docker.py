@@ -29,10 +29,10 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
 os.environ.setdefault("TC_HOST", "127.0.0.1")
 
-from mcpp import identity  # noqa: E402
+from mcpp.net import identity  # noqa: E402
 from mcpp.errors import HarnessError, NodeStartError  # noqa: E402
-from mcpp.harness import POLL_S, NodeRecord, ProgressFn, _ClusterCommon, free_ports, poll_statuses  # noqa: E402
-from mcpp.image import IMAGE_TAG, image_exists, stale_image_hint  # noqa: E402
+from mcpp.harness.process import POLL_S, ClusterCommon, NodeRecord, ProgressFn, free_ports, poll_statuses  # noqa: E402
+from mcpp.harness.image import IMAGE_TAG, image_exists, stale_image_hint  # noqa: E402
 
 __all__ = ["DockerCluster", "reap", "LABEL"]
 
@@ -88,7 +88,7 @@ def _own_subnet() -> Any:
 
 
 @dataclass
-class DockerCluster(_ClusterCommon):
+class DockerCluster(ClusterCommon):
     """N nodes as containers. Use as a context manager (or call start/stop)."""
 
     size: int
