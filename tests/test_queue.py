@@ -449,20 +449,19 @@ def test_task_cli(qc: ProcessCluster) -> None:
 
 
 def test_node_stops_cleanly_while_dispatching_to_itself(tmp_path: Path) -> None:
-    """Leaving open_node while the owner dispatches to its own worker: no task may be spawned
+    """Leaving open_services while the owner dispatches to its own worker: no task may be spawned
     into a closing nursery (that raised before), and the tasks not yet run stay in the store."""
     from mcpp.config import NodeConfig
-    from mcpp.node import open_node
+    from mcpp.runner import open_services
 
     cfg = NodeConfig(role="bootstrap", data_dir=str(tmp_path / "d"), listen="/ip4/127.0.0.1/tcp/0",
                      log_level="warning")
 
     async def go() -> int:
-        async with open_node(cfg) as node:
-            assert node.queue is not None
+        async with open_services(cfg) as app:
             for i in range(2000):
-                await node.queue.submit("echo", i, None, 1.0, [], [], 300, None, {}, 0)
-            return node.queue.broker.queued_count()
+                await app.queue.submit("echo", i, None, 1.0, [], [], 300, None, {}, 0)
+            return app.queue.broker.queued_count()
 
     left = trio.run(go)
     assert left > 0, "the node stopped with tasks still queued (the case under test)"

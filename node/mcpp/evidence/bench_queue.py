@@ -20,8 +20,8 @@ import trio
 from mcpp.config import NodeConfig
 from mcpp.harness import ProcessCluster
 from mcpp.mcp.client import open_client, structured
-from mcpp.node import Node, open_node
 from mcpp.net.peers import percentile
+from mcpp.runner import Services, open_services
 
 __all__ = ["measure_queue"]
 
@@ -42,17 +42,15 @@ async def _register(c: ProcessCluster, serving: int, max_concurrent: int) -> Non
             structured(await s.call_tool("worker_register", {"capabilities": caps, "max_concurrent": max_concurrent}))
 
 
-async def _wait_views(node: Node, serving: int) -> None:
-    assert node.queue is not None
-    q = node.queue
+async def _wait_views(app: Services, serving: int) -> None:
+    q = app.queue
     with trio.fail_after(20):
-        while sum(1 for w in q._worker_views() if "echo" in w.task_types) != serving:
+        while sum(1 for w in q.worker_views() if "echo" in w.task_types) != serving:
             await trio.sleep(0.02)
 
 
-async def _round_trips(node: Node, n: int) -> list[float]:
-    q = node.queue
-    assert q is not None
+async def _round_trips(app: Services, n: int) -> list[float]:
+    q = app.queue
     out = []
     for i in range(n + 50):
         t0 = time.perf_counter()
@@ -60,13 +58,12 @@ async def _round_trips(node: Node, n: int) -> list[float]:
         r = await q.result(s["task_id"], True, 30, False, False)
         if i >= 50:
             out.append((time.perf_counter() - t0) * 1000)
-        assert r["status"] == "completed" and r["worker"] != node.peer_id
+        assert r["status"] == "completed" and r["worker"] != app.node.peer_id
     return out
 
 
-async def _throughput(node: Node, n: int, task_type: str = "echo", rounds: int = 0) -> dict[str, Any]:
-    q = node.queue
-    assert q is not None
+async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: int = 0) -> dict[str, Any]:
+    q = app.queue
     ids: list[str] = []
     t0 = time.perf_counter()
 
@@ -94,9 +91,8 @@ async def _throughput(node: Node, n: int, task_type: str = "echo", rounds: int =
             "total_s": round(t1 - t0, 3), "per_worker": sorted(workers.values(), reverse=True)}
 
 
-async def _queued_rss(node: Node, n: int) -> dict[str, Any]:
-    q = node.queue
-    assert q is not None
+async def _queued_rss(app: Services, n: int) -> dict[str, Any]:
+    q = app.queue
     proc = psutil.Process()
     q.pause(None, "rss benchmark")
     gc.collect()
@@ -140,33 +136,33 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
                      data_dir=str(tmp / "bench-owner"), capabilities=("bench-owner",), log_level="warning",
                      swarm_key=c.swarm_key)
     out: dict[str, Any] = {}
-    async with open_node(cfg) as node:
+    async with open_services(cfg) as app:
         with trio.fail_after(30):
-            while len(node.table.connected()) < len(c.nodes):
+            while len(app.node.table.connected()) < len(c.nodes):
                 await trio.sleep(0.05)
         await _register(c, 3, 4)
-        await _wait_views(node, 3)
-        rt = await _round_trips(node, 300 if quick else 1000)
+        await _wait_views(app, 3)
+        rt = await _round_trips(app, 300 if quick else 1000)
         out["api_task_rtt"] = {**_lat(rt), "samples_ms": rt}
         from mcpp.evidence.bench_workflow import measure_step_overhead
 
-        out["step_overhead"] = await measure_step_overhead(node, 20, 3 if quick else 7)
+        out["step_overhead"] = await measure_step_overhead(app, 20, 3 if quick else 7)
         from mcpp.evidence.bench_workflow import measure_diamonds_in_process
 
-        out["diamonds_in_process"] = await measure_diamonds_in_process(node, 200)
+        out["diamonds_in_process"] = await measure_diamonds_in_process(app, 200)
         out["throughput"] = []
         for serving in (1, 2, 3):
             await _register(c, serving, 64)
-            await _wait_views(node, serving)
+            await _wait_views(app, serving)
             await trio.sleep(0.5)
-            t = await _throughput(node, 2000 if quick else 6000)
+            t = await _throughput(app, 2000 if quick else 6000)
             out["throughput"].append({"worker_nodes": serving, "max_concurrent": 64, **t})
             await _register(c, serving, 4)
-            await _wait_views(node, serving)
-            t = await _throughput(node, 150 if quick else 600, "sha256", CPU_ROUNDS)
+            await _wait_views(app, serving)
+            t = await _throughput(app, 150 if quick else 600, "sha256", CPU_ROUNDS)
             out.setdefault("cpu_throughput", []).append({"worker_nodes": serving, "max_concurrent": 4,
                                                          "rounds": CPU_ROUNDS, **t})
-        out["queued_rss"] = await _queued_rss(node, 10_000)
+        out["queued_rss"] = await _queued_rss(app, 10_000)
         await _register(c, 3, 4)
     return out
 

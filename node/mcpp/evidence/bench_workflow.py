@@ -21,7 +21,7 @@ import trio
 
 from mcpp.harness import ProcessCluster
 from mcpp.mcp.client import open_client, structured
-from mcpp.node import Node
+from mcpp.runner import Services
 
 __all__ = ["measure_step_overhead", "measure_diamonds_in_process", "measure_mcpp_diamonds", "measure_dask_diamonds",
            "DIAMOND"]
@@ -35,11 +35,10 @@ DIAMOND = [
 ]
 
 
-async def measure_step_overhead(node: Node, chain_len: int = 20, runs: int = 5) -> dict[str, Any]:
+async def measure_step_overhead(app: Services, chain_len: int = 20, runs: int = 5) -> dict[str, Any]:
     """A chain of `chain_len` echo steps, minus `chain_len` single task round trips (in-process API,
     every task runs on another node): the engine's cost per step."""
-    wf, q = node.workflows, node.queue
-    assert wf is not None and q is not None
+    wf, q = app.workflows, app.queue
     steps = [{"id": f"s{i}", "task_type": "echo", "payload": i, **({"depends_on": [f"s{i - 1}"]} if i else {})}
              for i in range(chain_len)]
     chain_ms, single_ms = [], []
@@ -90,11 +89,10 @@ async def _diamonds_via_mcp(urls: list[str], token: str | None, n: int) -> dict[
             "submit_s": round(t_submitted - t0, 3), "total_s": round(t1 - t0, 3)}
 
 
-async def measure_diamonds_in_process(node: Node, n: int) -> dict[str, Any]:
+async def measure_diamonds_in_process(app: Services, n: int) -> dict[str, Any]:
     """200 diamonds coordinated by a node inside the benchmark process (as Dask's scheduler runs
     in its client's process), every step run by the 3 worker node processes."""
-    wf = node.workflows
-    assert wf is not None
+    wf = app.workflows
     t0 = time.perf_counter()
     ids = [(await wf.submit("bench-diamond", DIAMOND, None, None, {}, "fail_fast", 1.0, [], {}))["workflow_id"]
            for _ in range(n)]

@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 CLUSTER_FILE = "cluster.json"
+# the node program the fork server runs (`mcpp <argv>`), named, not imported: the harness sits
+# below the program in the layers
+NODE_ENTRY = "mcpp.cli:main"
+NODE_PRELOAD = ("mcpp.cli", "mcpp.runner")
 POLL_S = 0.2  # status polls cost the nodes CPU: 20 nodes x 5 Hz is plenty
 MAX_MISSED_POLLS = 3  # wait_formed: after this many unanswered /status polls in a row a node counts as down
 ProgressFn = Callable[[int, int, str], None]
@@ -153,7 +157,7 @@ class _ForkServer:
 
     def __init__(self, env: dict[str, str], tag: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mcpp.harness.zygote", "--tag", tag],
+            [sys.executable, "-m", "mcpp.harness.zygote", "--entry", NODE_ENTRY, "--preload", *NODE_PRELOAD, "--tag", tag],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, preexec_fn=_die_with_parent,
         )
         self.exit_codes: dict[int, int] = {}

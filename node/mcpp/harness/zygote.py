@@ -1,9 +1,13 @@
-"""A fork server for the local harness: import mcpp once, then fork each node from it.
+"""A fork server for the local harness: import a program once, then fork each node from it.
 
 Importing libp2p + mcp costs ~1.1 s of CPU per process; 20 cold node processes on 2 cores
 spend ~15 s just importing. Forked children share the imported modules copy-on-write and
 reach their own `trio.run` in milliseconds. The parent never starts a thread or an event
 loop, so fork is safe. Each child is a separate OS process running exactly `mcpp <argv>`.
+
+It knows no mcpp module: the harness names the entry point and what to preload
+(`python -m mcpp.harness.zygote --entry mcpp.cli:main --preload mcpp.cli mcpp.runner`), so the
+harness, below the node program in the layers, never imports it.
 
 Protocol (JSON lines): stdin  {"argv": [...], "log": "path"}
                        stdout {"pid": N} after each fork, {"exit": N, "code": C} when a child ends
@@ -13,14 +17,17 @@ EOF at stdin: SIGTERM every child, wait for them, exit. Children die with the se
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
+import importlib
 import json
 import os
 import selectors
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["main"]
@@ -30,7 +37,7 @@ def _pdeathsig() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def _child(req: dict[str, Any], parent: int) -> None:
+def _child(req: dict[str, Any], parent: int, entry: Callable[[list[str]], int]) -> None:
     """Runs in the forked child; never returns."""
     code = 1
     try:
@@ -46,10 +53,8 @@ def _child(req: dict[str, Any], parent: int) -> None:
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        from mcpp.cli import main as cli_main
-
         sys.argv = ["mcpp", *req["argv"]]
-        code = cli_main(list(req["argv"]))
+        code = entry(list(req["argv"]))
     except SystemExit as e:
         code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -66,11 +71,23 @@ def _emit(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def main() -> int:
-    # argv: ["--tag", DIR] only labels the process (ps / pgrep -f DIR finds a cluster's server)
+def _load(entry: str) -> Callable[[list[str]], int]:
+    module, _, name = entry.partition(":")
+    fn: Callable[[list[str]], int] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    # --tag DIR only labels the process (ps / pgrep -f DIR finds a cluster's server)
+    parser = argparse.ArgumentParser(prog="python -m mcpp.harness.zygote")
+    parser.add_argument("--entry", required=True, help="MODULE:FUNCTION each child calls with its argv")
+    parser.add_argument("--preload", nargs="*", default=[], help="modules imported once, shared by every child")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
     _pdeathsig()
-    import mcpp.cli  # noqa: F401  (the point: import once, share with every child)
-    import mcpp.runner  # noqa: F401
+    for module in args.preload:  # the point: import once, share with every child
+        importlib.import_module(module)
+    entry = _load(args.entry)
 
     parent = os.getpid()
     r, w = os.pipe()
@@ -116,7 +133,7 @@ def main() -> int:
                     sel.close()
                     os.close(r)
                     os.close(w)
-                    _child(req, parent)
+                    _child(req, parent, entry)
                 children.add(pid)
                 _emit({"pid": pid})
     for pid in list(children):

@@ -11,14 +11,17 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from mcpp.errors import ArgumentError
+
 __all__ = ["call_tool", "ToolCallError", "open_client", "structured", "auth_headers", "token_from_env",
-           "explain_failure"]
+           "explain_failure", "cli_endpoint"]
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -99,3 +102,18 @@ async def call_tool(url: str, name: str, arguments: dict[str, Any] | None = None
     async with open_client(url, token) as c:
         result = await c.call_tool(name, arguments or {})
     return structured(result)
+
+
+def cli_endpoint(url: str | None) -> tuple[str, str | None]:
+    """For the CLIs: the node's MCP URL and bearer token: `url` (--url) / $MCPP_URL / node-0 of .cluster/cluster.json;
+    the token from $MCPP_TOKEN / $MCPP_TOKEN_FILE, else from .cluster/cluster.json."""
+    f = Path(".cluster") / "cluster.json"
+    cluster = json.loads(f.read_text()) if f.exists() else None
+    token = token_from_env() or (cluster or {}).get("token")
+    if url:
+        return str(url), token
+    if os.environ.get("MCPP_URL"):
+        return os.environ["MCPP_URL"], token
+    if cluster is not None:
+        return str(cluster["nodes"][0]["mcp_url"]), token
+    raise ArgumentError("--url", "give a node's MCP URL (or set MCPP_URL, or run `mcpp cluster up` here)")

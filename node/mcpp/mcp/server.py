@@ -34,8 +34,9 @@ from mcpp.errors import MCPPError
 from mcpp.log import kv
 from mcpp.metrics import CONTENT_TYPE
 from mcpp.node import PEER_STATUSES, SORT_KEYS, Node
+from mcpp.queue import QueueService
 from mcpp.queue.model import STATUSES
-from mcpp.workflow.engine import WF_STATUSES
+from mcpp.workflow.engine import WF_STATUSES, WorkflowEngine
 from mcpp.workflow.model import FAILURE_POLICIES, GRAPH_FORMATS
 
 __all__ = ["build_server", "serve_http", "serve_stdio", "PEER_TOOLS", "QUEUE_TOOLS", "WORKFLOW_TOOLS"]
@@ -96,7 +97,7 @@ def _enum(values: tuple[str, ...], doc: str) -> Any:
     return Field(description=doc, json_schema_extra={"enum": list(values)})
 
 
-def build_server(node: Node) -> MCPServer:
+def build_server(node: Node, queue: QueueService, workflows: WorkflowEngine) -> MCPServer:
     server = MCPServer(
         "mcpp",
         version=__version__,
@@ -155,8 +156,8 @@ def build_server(node: Node) -> MCPServer:
 
     for fn in (peer_discover, peer_connect, peer_disconnect, peer_list, peer_metrics, bootstrap_network):
         server.add_tool(_instrument(node, fn), structured_output=True)
-    _add_queue_tools(node, server)
-    _add_workflow_tools(node, server)
+    _add_queue_tools(node, queue, server)
+    _add_workflow_tools(node, workflows, server)
 
     # the SDK's custom_route decorator is untyped
     @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
@@ -180,9 +181,7 @@ def build_server(node: Node) -> MCPServer:
     return server
 
 
-def _add_queue_tools(node: Node, server: MCPServer) -> None:
-    q = node.queue
-    assert q is not None, "open_node attaches the queue"
+def _add_queue_tools(node: Node, q: QueueService, server: MCPServer) -> None:
 
     async def task_submit(
         task_type: str,
@@ -332,9 +331,7 @@ def _add_queue_tools(node: Node, server: MCPServer) -> None:
         server.add_tool(_instrument(node, fn), structured_output=True)
 
 
-def _add_workflow_tools(node: Node, server: MCPServer) -> None:
-    wf = node.workflows
-    assert wf is not None, "open_node attaches the workflow engine"
+def _add_workflow_tools(node: Node, wf: WorkflowEngine, server: MCPServer) -> None:
 
     async def workflow_submit(
         name: str,

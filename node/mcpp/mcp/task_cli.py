@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from mcpp.errors import ArgumentError
+from mcpp.mcp.client import cli_endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -66,23 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("task_id")
 
 
-def _endpoint(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The node's MCP URL and bearer token: --url / $MCPP_URL / node-0 of .cluster/cluster.json;
-    the token from $MCPP_TOKEN / $MCPP_TOKEN_FILE, else from .cluster/cluster.json."""
-    from mcpp.mcp.client import token_from_env
-
-    f = Path(".cluster") / "cluster.json"
-    cluster = json.loads(f.read_text()) if f.exists() else None
-    token = token_from_env() or (cluster or {}).get("token")
-    if args.url:
-        return str(args.url), token
-    if os.environ.get("MCPP_URL"):
-        return os.environ["MCPP_URL"], token
-    if cluster is not None:
-        return str(cluster["nodes"][0]["mcp_url"]), token
-    raise ArgumentError("--url", "give a node's MCP URL (or set MCPP_URL, or run `mcpp cluster up` here)")
-
-
 def _calls(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     cmd = args.task_command
     if cmd == "submit":
@@ -130,7 +112,7 @@ async def _run(url: str, token: str | None, calls: list[tuple[str, dict[str, Any
 def run(args: argparse.Namespace) -> int:
     from mcpp.mcp.client import ToolCallError, structured
 
-    url, token = _endpoint(args)
+    url, token = cli_endpoint(args.url)
     try:
         raw = trio.run(_run, url, token, _calls(args), bool(getattr(args, "wait", False)) and args.task_command == "submit")
     except (OSError, BaseExceptionGroup) as e:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mcpp.errors import ArgumentError
-from mcpp.mcp.task_cli import _endpoint
+from mcpp.mcp.client import cli_endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -109,7 +109,7 @@ async def _run(url: str, token: str | None, args: argparse.Namespace) -> tuple[d
 
 
 def run(args: argparse.Namespace) -> int:
-    url, token = _endpoint(args)
+    url, token = cli_endpoint(args.url)
     try:
         out, code = trio.run(_run, url, token, args)
     except _Failed as e:

@@ -38,6 +38,7 @@ __all__ = [
     "stream_peer_id",
     "dial_errors",
     "peer_multiaddrs",
+    "strip_p2p",
 ]
 
 logging.getLogger("libp2p").addHandler(logging.NullHandler())
@@ -103,6 +104,11 @@ def make_host(
         announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
         psk=psk,
     )
+
+
+def strip_p2p(addr: str) -> str:
+    """A multiaddr's transport part: `/ip4/1.2.3.4/tcp/4001/p2p/<id>` -> `/ip4/1.2.3.4/tcp/4001`."""
+    return addr.split("/p2p/")[0]
 
 
 def parse_multiaddr(text: str, argument: str = "multiaddr") -> multiaddr.Multiaddr:

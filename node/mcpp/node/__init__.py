@@ -5,6 +5,6 @@ May import: the base modules and `mcpp.net`. It knows nothing of the queue, work
 services above use its public surface (rpc, table, hooks, `spawn`-free callbacks).
 """
 
-from mcpp.node.node import PEER_STATUSES, SORT_KEYS, Node, open_node
+from mcpp.node.node import PEER_STATUSES, SORT_KEYS, Node, build_node, open_node
 
-__all__ = ["Node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
+__all__ = ["Node", "build_node", "open_node", "PEER_STATUSES", "SORT_KEYS"]

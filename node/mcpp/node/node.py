@@ -1,8 +1,13 @@
-"""The node: libp2p host + DHT + RPC + peer table, and the peer operations the MCP tools expose.
+"""The node: `open_node(config)` starts a libp2p host, the DHT, the RPC endpoint and the node's
+loops; `Node` adds to connection management and discovery the peer operations behind the 6
+peer tools (peer_discover, peer_connect, peer_disconnect, peer_list, peer_metrics,
+bootstrap_network).
 
 Lifecycle: `open_node(config)` is an async context manager owning one nursery in which the
 RPC endpoint, the connection watcher, the pinger, the discovery loop and the traffic sampler
 run. Leaving it cancels them and closes the host (peers see the disconnect at once).
+`build_node(config)` gives the node before its loops start, for the composition root
+(`mcpp.runner`) to build services on it first.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import multiaddr
@@ -23,62 +26,26 @@ import trio
 if TYPE_CHECKING:  # trio-typing's stubs (a py-libp2p dependency) shadow trio's own annotations
     from trio_typing import TaskStatus
 
-    from mcpp.queue.service import QueueService
-    from mcpp.workflow.engine import WorkflowEngine
-
-from mcpp.net import identity
 from mcpp.config import NodeConfig
-from mcpp.net.dht import MESH_KEY, Dht, capability_key, open_dht
-from mcpp.errors import ArgumentError, ConfigError, MCPPError, PeerNotFound, PeerUnreachable, RPCError
+from mcpp.errors import ArgumentError, MCPPError, PeerNotFound, PeerUnreachable, RPCError
 from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
-from mcpp.net.p2p import (
-    ID,
-    IHost,
-    PeerInfo,
-    dial_errors,
-    make_host,
-    parse_peer_id,
-    parse_peer_multiaddr,
-    peer_multiaddrs,
-)
-from mcpp.net.peers import PeerRecord, PeerTable, percentile, quality
-from mcpp.net.rpc import RpcEndpoint
+from mcpp.net import identity
+from mcpp.net.dht import MESH_KEY, capability_key, open_dht
+from mcpp.net.p2p import ID, make_host, parse_peer_id, parse_peer_multiaddr, peer_multiaddrs
+from mcpp.net.peers import PeerRecord, percentile, quality
+from mcpp.node.connections import REDIAL_BLOCK_S
+from mcpp.node.core import parse_bootstrap
+from mcpp.node.discovery import Discovery
 
-__all__ = ["Node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
+__all__ = ["Node", "build_node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
 
 log = logging.getLogger("mcpp.node")
 
 PEER_STATUSES = ("connected", "known", "all")
 SORT_KEYS = ("latency", "last_seen", "peer_id", "reputation")
-REPROVIDE_S = 20.0
-EARLY_REPROVIDE_S = 1.5
-NETWORK_FIND_S = 15.0
-EARLY_NETWORK_FIND_S = 3.0
-FORMING_S = 15.0  # after joining, the mesh is still being found: look 4x as often
-WATCH_S = 0.25
-RANDOM_WALK_S = 30.0
-GONE_MEMORY_S = 48 * 3600.0  # as long as py-libp2p keeps a stale provider record
-GONE_REDIAL_S = 30.0  # a peer seen leaving is re-dialed this rarely (a healed partition)
-REDIAL_BLOCK_S = 30.0
-HISTORY_WINDOW = 11
-MAX_BACKOFF_S = 4.0
-DIAL_GRACE_S = 2.0
 IDENTITY_FILE = "identity.key"  # in data_dir, when no identity is configured
-DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most this often
-DEMAND_DIAL_TIMEOUT_S = 5.0
-MAX_PINGS_PER_S = 10.0
 MAX_BOOTSTRAP_PEERS = 100
-
-
-def _strip_p2p(addr: str) -> str:
-    return addr.split("/p2p/")[0]
-
-
-@dataclass
-class _Backoff:
-    until: float
-    delay_s: float
 
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -88,516 +55,8 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise ArgumentError(name, f"must be between {lo:g} and {hi:g}, got {value!r}")
 
 
-class Node:
-    """One mesh node. Only the node's trio loop touches it."""
-
-    def __init__(self, config: NodeConfig, host: IHost, dht: Dht, metrics: NodeMetrics) -> None:
-        self.config = config
-        self.host = host
-        self.dht = dht
-        self.metrics = metrics
-        self.peer_id: str = host.get_id().to_base58()
-        self.role = config.role
-        self.table = PeerTable()
-        self._allowed = frozenset(config.allow_peers) | {self.peer_id} if config.allow_peers else None
-        self._refusing: set[str] = set()
-        self.rpc = RpcEndpoint(
-            host, config.max_message_bytes, config.rpc_timeout_s, metrics.observe_rpc,
-            max_inflight_per_peer=config.max_inflight_per_peer,
-            allow=self.peer_allowed if self._allowed is not None else None,
-            on_limit=metrics.limit_hit,
-            connect=self.connect_for_rpc,
-        )
-        # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
-        # a truer RTT; echo is the same work through the normal task-per-request path
-        self.rpc.register("ping", self._on_ping, inline=True)
-        self.rpc.register("echo", self._on_echo)
-        self.rpc.register("hello", self._on_hello)
-        self.rpc.register("goodbye", self._on_goodbye)
-        self.mcp_url: str | None = None
-        # layers above the runtime (the queue) add to what hello says and to what is provided
-        self.info_extra: dict[str, Callable[[], Any]] = {}
-        self.capability_sources: list[Callable[[], Iterable[str]]] = []
-        self.peer_joined_hooks: list[Callable[[str], None]] = []
-        self.queue: QueueService | None = None
-        self.workflows: WorkflowEngine | None = None
-        self.joined = trio.Event()
-        self.started_monotonic = time.monotonic()
-        self.started_wall = time.time()
-        self._nursery: trio.Nursery | None = None
-        self._dialing: set[str] = set()
-        self._hello_inflight: dict[str, trio.Event] = {}
-        self._ping_inflight: set[str] = set()
-        self._backoff: dict[str, _Backoff] = {}
-        self._gone: dict[str, float] = {}
-        self._blocked: dict[str, float] = {}
-        self._demand_failed: dict[str, float] = {}
-        self._providing = False
-        self._finding = False
-        self._last_provide = 0.0
-        self._last_network_find = -1e9
-        self._first_seen: dict[str, float] = {}
-        self._addrs_cache: list[str] | None = None
-        # parsed once: multiaddr parsing costs ~1 ms and the list is fixed
-        self._bootstrap_peers = _parse_bootstrap(config)
-        self._last_walk = -1e9
-        self._kick = trio.Event()
-        self._joined_at: float | None = None
-        self._process = psutil.Process()
-        self._process.cpu_percent(None)
-        if config.role == "bootstrap" and not config.bootstrap:
-            # the first node of a mesh has joined as soon as it listens
-            self.joined.set()
-            metrics.ready.set(1)
-
-    # ---- facts -------------------------------------------------------------------------
-    @property
-    def multiaddrs(self) -> list[str]:
-        # host.get_addrs() costs ~1 ms (multiaddr objects); the listen addresses do not change
-        if self._addrs_cache is None:
-            self._addrs_cache = [str(a) for a in self.host.get_addrs()]
-        return list(self._addrs_cache)
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "peer_id": self.peer_id,
-            "role": self.role,
-            "multiaddrs": self.multiaddrs,
-            "capabilities": self.advertised_capabilities(),
-            "mcp_url": self.mcp_url,
-            **{k: fn() for k, fn in self.info_extra.items()},
-        }
-
-    def advertised_capabilities(self) -> list[str]:
-        caps = dict.fromkeys(self.config.capabilities)
-        for src in self.capability_sources:
-            caps.update(dict.fromkeys(src()))
-        return list(caps)
-
-    def reprovide_soon(self) -> None:
-        """Capabilities changed: provide them in the DHT at the next discovery tick."""
-        self._last_provide = 0.0
-
-    def status(self) -> dict[str, Any]:
-        return {
-            **self.info(),
-            "ready": self.joined.is_set(),
-            "connected": sorted(p.peer_id for p in self.table.connected()),
-            "routing_table_size": self.dht.routing_table_size(),
-            "pid": os.getpid(),
-        }
-
-    def _live_peer_ids(self) -> set[str]:
-        return {p.to_base58() for p in self.host.get_connected_peers()}
-
-    def _update_peer_gauges(self) -> None:
-        conn = len(self.table.connected())
-        self.metrics.peers.labels("connected").set(conn)
-        self.metrics.peers.labels("known").set(len(self.table) - conn)
-
-    # ---- rpc handlers ------------------------------------------------------------------
-    async def _on_ping(self, peer_id: str, params: Any) -> Any:
-        return {"pong": True}
-
-    async def _on_echo(self, peer_id: str, params: Any) -> Any:
-        return params
-
-    async def _on_hello(self, peer_id: str, params: Any) -> Any:
-        if isinstance(params, dict):
-            await self._apply_hello(peer_id, params, source="inbound")
-        return self.info()
-
-    async def _on_goodbye(self, peer_id: str, params: Any) -> Any:
-        self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
-        rec = self.table.get(peer_id)
-        if rec is not None:
-            rec.persistent = False
-        return {"ok": True}
-
-    async def _apply_hello(self, peer_id: str, info: dict[str, Any], source: str) -> None:
-        if peer_id not in self._live_peer_ids():
-            return
-        caps = info.get("capabilities")
-        addrs = _valid_addrs(info.get("multiaddrs"))
-        rec = self.table.upsert(
-            peer_id,
-            role=info.get("role") if isinstance(info.get("role"), str) else None,
-            multiaddrs=addrs or None,
-            capabilities=[str(c) for c in caps] if isinstance(caps, list) else None,
-            mcp_url=info.get("mcp_url") if isinstance(info.get("mcp_url"), str) else None,
-            worker=info.get("worker") if isinstance(info.get("worker"), dict) else None,
-        )
-        if rec.source == "dht" and source != "dht":
-            rec.source = source
-        now = time.time()
-        if not rec.connected:
-            rec.connected = True
-            rec.connected_since = now
-            log.info("peer joined", extra=kv(peer=peer_id, role=rec.role, source=source))
-            for hook in self.peer_joined_hooks:
-                hook(peer_id)
-        rec.hello_done = True
-        rec.last_seen = now
-        self._gone.pop(peer_id, None)
-        self._backoff.pop(peer_id, None)
-        self._first_seen.pop(peer_id, None)
-        await self.dht.add_peer(peer_id)
-        self._update_peer_gauges()
-        if self._joined_at is None:
-            self._joined_at = time.monotonic()
-            self._kick.set()  # first peer: advertise and look for the others at once
-        if not self.joined.is_set():
-            self.joined.set()
-            self.metrics.ready.set(1)
-            log.info("joined the mesh", extra=kv(peer=self.peer_id, via=peer_id))
-
-    # ---- membership --------------------------------------------------------------------
-    def _lost(self, peer_id: str, reason: str, gone: bool = True) -> None:
-        """The connection to a peer ended. `gone`: it died or hung (its stale DHT records are
-        then ignored and it is re-dialed only every GONE_REDIAL_S); False for a requested
-        disconnect."""
-        rec = self.table.get(peer_id)
-        self.rpc.forget(peer_id)
-        self.dht.remove_peer(peer_id)
-        self._first_seen.pop(peer_id, None)
-        if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
-            self._gone[peer_id] = time.monotonic()
-            said_goodbye = self._blocked.get(peer_id, 0.0) > time.monotonic()
-            if rec is not None and rec.multiaddrs and self._nursery is not None and not said_goodbye:
-                # a connection can also close under a live peer (e.g. a duplicate connection
-                # dropped during formation): dial back once; only if that fails is it gone
-                self._nursery.start_soon(self._recheck, peer_id, list(rec.multiaddrs))
-        if rec is None:
-            return
-        if rec.persistent:
-            rec.connected = False
-            rec.hello_done = False
-        else:
-            self.table.remove(peer_id)
-            self.rpc.traffic.pop(peer_id, None)  # its counters go with its record
-        log.info("peer left", extra=kv(peer=peer_id, reason=reason))
-        self._update_peer_gauges()
-
-    async def _recheck(self, peer_id: str, addrs: list[str]) -> None:
-        if peer_id in self._dialing:
-            return
-        self._dialing.add(peer_id)
-        try:
-            await self.dial(peer_id, addrs, "recheck", timeout_s=2.0)
-        except (PeerUnreachable, trio.TooSlowError, MCPPError):
-            self._backoff[peer_id] = _Backoff(time.monotonic() + GONE_REDIAL_S, GONE_REDIAL_S)
-        finally:
-            self._dialing.discard(peer_id)
-
-    def _in_backoff(self, peer_id: str) -> bool:
-        b = self._backoff.get(peer_id)
-        if b is not None and time.monotonic() < b.until:
-            return True
-        until = self._blocked.get(peer_id)
-        return until is not None and time.monotonic() < until
-
-    def _fail_backoff(self, peer_id: str) -> None:
-        b = self._backoff.get(peer_id)
-        cap = GONE_REDIAL_S if peer_id in self._gone else MAX_BACKOFF_S
-        delay = 0.25 if b is None else min(b.delay_s * 2, cap)
-        self._backoff[peer_id] = _Backoff(time.monotonic() + delay, delay)
-
-    async def _hello(self, peer_id: str, source: str, timeout_s: float = 5.0) -> None:
-        """Exchange hello; if one is already running for this peer, wait for that one."""
-        running = self._hello_inflight.get(peer_id)
-        if running is not None:
-            with trio.move_on_after(timeout_s):
-                await running.wait()
-            return
-        done = self._hello_inflight[peer_id] = trio.Event()
-        try:
-            info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
-            if isinstance(info, dict):
-                await self._apply_hello(peer_id, info, source)
-        except MCPPError as e:
-            log.debug("hello failed", extra=kv(peer=peer_id, error=str(e)))
-        finally:
-            del self._hello_inflight[peer_id]
-            done.set()
-
-    async def dial(self, peer_id: str, addrs: list[str], source: str, timeout_s: float = 5.0) -> None:
-        """Connect and say hello, all within timeout_s. Raises PeerUnreachable."""
-        deadline = trio.current_time() + timeout_s
-        with dial_errors(peer_id):
-            pid = ID.from_base58(peer_id)
-        await self._connect(pid, addrs, timeout_s)
-        await self._hello(peer_id, source, max(0.1, deadline - trio.current_time()))
-
-    async def _connect(self, pid: ID, addrs: list[str], timeout_s: float) -> None:
-        """A libp2p connection to pid at addrs within timeout_s, whatever libp2p's negative cache
-        says (our own backoffs decide when to retry; else a restarted bootstrap stays unreachable
-        for a minute). Raises PeerUnreachable."""
-        peer_id = pid.to_base58()
-        try:
-            with trio.fail_after(timeout_s), dial_errors(peer_id):
-                mas = [multiaddr.Multiaddr(_strip_p2p(a)) for a in addrs]
-                self._unblock(pid)
-                await self.host.connect(PeerInfo(pid, mas))
-        except trio.TooSlowError:
-            raise PeerUnreachable(peer_id, f"dial timed out after {timeout_s:g} s") from None
-
-    async def connect_for_rpc(self, peer_id: str) -> None:
-        """An rpc call to a peer without a connection dials it now, at the addresses known for it.
-
-        This replaces libp2p's own dial-on-new_stream, whose negative cache refuses a peer for
-        60 s after one failed dial (a healed partition would stay cut off for a minute). A failed
-        dial here is remembered for DEMAND_REDIAL_S only; hello follows from the watch loop.
-        Raises PeerUnreachable."""
-        try:
-            pid = ID.from_base58(peer_id)
-        except Exception as e:  # e.g. an owner id taken from a malformed task id
-            raise PeerUnreachable(peer_id, f"not a valid peer id ({type(e).__name__})") from None
-        if self.host.get_network().get_connections(pid):
-            return
-        failed = self._demand_failed.get(peer_id)
-        if failed is not None and time.monotonic() - failed < DEMAND_REDIAL_S:
-            raise PeerUnreachable(peer_id, f"not connected; a dial {time.monotonic() - failed:.1f} s ago failed")
-        rec = self.table.get(peer_id)
-        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid)]))
-        if not addrs:
-            raise PeerUnreachable(peer_id, "not connected and no address known")
-        try:
-            await self._connect(pid, addrs, DEMAND_DIAL_TIMEOUT_S)
-        except BaseException:  # failed, or cut short by the caller's own timeout: throttle either way
-            self._demand_failed[peer_id] = time.monotonic()
-            raise
-        self._demand_failed.pop(peer_id, None)
-
-    def _unblock(self, pid: ID) -> None:
-        """Our own backoff decides when to retry: lift libp2p's 60 s negative cache."""
-        unblock = getattr(self.host.get_network(), "unblock_peer", None)
-        if unblock is not None:
-            unblock(pid)
-
-    async def _background_dial(self, peer_id: str, addrs: list[str], source: str) -> None:
-        if peer_id in self._dialing or peer_id == self.peer_id:
-            return
-        self._dialing.add(peer_id)
-        try:
-            await self.dial(peer_id, addrs, source)
-        except (PeerUnreachable, trio.TooSlowError, MCPPError) as e:
-            self._fail_backoff(peer_id)
-            rec = self.table.get(peer_id)
-            if rec is not None and not rec.connected and not rec.persistent:
-                self.table.remove(peer_id)
-            log.debug("dial failed", extra=kv(peer=peer_id, error=str(e)))
-        finally:
-            self._dialing.discard(peer_id)
-
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
-
-    def _consider(self, peer_id: str, addrs: list[str], source: str) -> None:
-        """A peer found through the DHT: remember it and dial it unless known-dead or backed off."""
-        if peer_id == self.peer_id or peer_id in self._dialing or self._in_backoff(peer_id):
-            return
-        if not self.peer_allowed(peer_id):
-            return
-        rec = self.table.get(peer_id)
-        if rec is not None and rec.connected:
-            return
-        # Tie-break: of two peers that find each other, the smaller id dials; the other waits
-        # DIAL_GRACE_S for it. Simultaneous dials make libp2p drop one of the two connections.
-        first = self._first_seen.setdefault(peer_id, time.monotonic())
-        if self.peer_id > peer_id and time.monotonic() - first < DIAL_GRACE_S:
-            return
-        if not addrs:
-            addrs = peer_multiaddrs(self.host, ID.from_base58(peer_id))
-        if not addrs:
-            return
-        if peer_id not in self._gone and rec is None:
-            self.table.upsert(peer_id, multiaddrs=addrs, source=source)
-        # (a gone peer is re-dialed quietly, at most every GONE_REDIAL_S: see _lost)
-        self._spawn(self._background_dial, peer_id, addrs, source)
-
-    def peer_allowed(self, peer_id: str) -> bool:
-        """allow_peers unset: everyone who holds the swarm key (if any); set: only those ids."""
-        return self._allowed is None or peer_id in self._allowed
-
-    async def _refuse(self, peer_id: str) -> None:
-        self.metrics.peers_refused.inc()
-        log.warning("connection refused: peer not in allow_peers", extra=kv(peer=peer_id))
-        self._refusing.add(peer_id)
-        try:
-            with trio.move_on_after(2), contextlib.suppress(Exception):
-                await self.host.get_network().close_peer(ID.from_base58(peer_id))
-        finally:
-            self._refusing.discard(peer_id)
-
-    # ---- loops -------------------------------------------------------------------------
-    async def _watch_loop(self) -> None:
-        """Connection changes -> table, within ~0.1 s of libp2p noticing them."""
-        while True:
-            live = self._live_peer_ids()
-            if self._allowed is not None:
-                for pid in [p for p in live if not self.peer_allowed(p)]:
-                    live.discard(pid)
-                    if pid not in self._refusing:
-                        self._spawn(self._refuse, pid)
-            for pid in live:
-                rec = self.table.get(pid)
-                if (rec is None or not rec.hello_done) and pid not in self._hello_inflight:
-                    self._spawn(self._hello, pid, "inbound")
-            for rec in self.table.connected():
-                if rec.peer_id not in live:
-                    self._lost(rec.peer_id, "connection closed")
-            for rec in self.table.all():
-                if rec.persistent and not rec.connected and not self._in_backoff(rec.peer_id):
-                    self._spawn(self._background_dial, rec.peer_id, rec.multiaddrs, "persistent")
-            now = time.monotonic()
-            for pid, t in list(self._gone.items()):
-                if now - t > GONE_MEMORY_S:
-                    del self._gone[pid]
-            for pid, until in list(self._blocked.items()):
-                if until < now:
-                    del self._blocked[pid]
-            for pid, t in list(self._demand_failed.items()):
-                if now - t > DEMAND_REDIAL_S:
-                    del self._demand_failed[pid]
-            await trio.sleep(WATCH_S)
-
-    def _ping_every_s(self) -> float:
-        """Each peer is pinged every ping_interval_s, slower in big meshes so that a node sends
-        at most MAX_PINGS_PER_S pings in all (pings are O(N^2) mesh-wide)."""
-        return max(self.config.ping_interval_s, len(self.table.connected()) / MAX_PINGS_PER_S)
-
-    def _peer_timeout_s(self) -> float:
-        return max(self.config.peer_timeout_s, 2.5 * self._ping_every_s())
-
-    async def _ping_one(self, rec: PeerRecord) -> None:
-        pid = rec.peer_id
-        self._ping_inflight.add(pid)
-        rec.last_ping_sent = time.monotonic()
-        try:
-            rtt = await self.ping(pid, timeout_s=self._peer_timeout_s())
-            rec.add_rtt(rtt)
-        except MCPPError:
-            rec.ping_failures += 1
-            rec.feed_reputation(False)
-            # any frame from the peer (its own pings, answers, requests) proves it is alive
-            heard = max(rec.last_seen or 0.0, self.rpc.traffic_of(pid).last_in)
-            silent_s = time.time() - heard
-            if silent_s >= self._peer_timeout_s() and rec.connected:
-                self._lost(pid, f"no answer to pings for {silent_s:.1f} s")
-                with contextlib.suppress(Exception):
-                    with trio.move_on_after(1):
-                        await self.host.disconnect(ID.from_base58(pid))
-        finally:
-            self._ping_inflight.discard(pid)
-
-    async def _ping_loop(self) -> None:
-        """Ping every connected peer every ping_interval_s (RTT samples and liveness of peers that
-        hang without closing the connection; a closed connection is noticed by _watch_loop)."""
-        while True:
-            every = self._ping_every_s()
-            now = time.monotonic()
-            for rec in self.table.connected():
-                if rec.hello_done and rec.peer_id not in self._ping_inflight and now - rec.last_ping_sent >= every:
-                    self._spawn(self._ping_one, rec)
-            await trio.sleep(min(0.25, every))
-
-    async def _provide(self) -> None:
-        self._providing = True
-        t0 = time.monotonic()
-        try:
-            with trio.move_on_after(10):
-                await self.dht.provide(MESH_KEY)
-                for cap in self.advertised_capabilities():
-                    await self.dht.provide(capability_key(cap))
-            self._last_provide = time.monotonic()
-        except Exception as e:
-            log.debug("provide failed", extra=kv(error=str(e)))
-        finally:
-            self._providing = False
-            log.debug("provide done", extra=kv(took_s=round(time.monotonic() - t0, 3)))
-
-    def _forming(self) -> bool:
-        return self._joined_at is None or time.monotonic() - self._joined_at < FORMING_S
-
-    def _reprovide_s(self) -> float:
-        """A record provided at join reaches only the few peers known then (the K closest *found*):
-        provide again EARLY_REPROVIDE_S later, when the routing table holds the mesh, then every
-        REPROVIDE_S."""
-        if self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S:
-            return EARLY_REPROVIDE_S
-        return REPROVIDE_S
-
-    async def _find(self, network: bool, walk: bool) -> None:
-        """Dial the mesh peers the DHT knows.
-
-        network=False reads only this node's provider store (free; every node's provide() pushes
-        its record to the K closest peers, i.e. to everyone in a mesh of <= 20); network=True also
-        asks the closest peers (catches records we were not sent); walk adds a random-key lookup.
-        """
-        self._finding = True
-        t0 = time.monotonic()
-        found: dict[str, list[str]] = {}
-        try:
-            with trio.move_on_after(5):
-                found = await self.dht.find_providers(MESH_KEY, network=network)
-                for pid, addrs in found.items():
-                    self._consider(pid, addrs, "dht")
-                if walk:
-                    for pid in await self.dht.random_walk():
-                        self._consider(pid, [], "dht")
-        except Exception as e:
-            log.debug("discovery failed", extra=kv(error=str(e)))
-        finally:
-            self._finding = False
-            if network or walk:
-                log.debug("find done", extra=kv(network=network, walk=walk, found=len(found),
-                                                took_s=round(time.monotonic() - t0, 3)))
-
-    async def discovery_tick(self) -> None:
-        for addr, pid in self._bootstrap_peers:
-            rec = self.table.get(pid)
-            if pid != self.peer_id and (rec is None or not rec.connected) and not self._in_backoff(pid):
-                self._spawn(self._background_dial, pid, [addr], "bootstrap")
-        if not self.table.connected():
-            return
-        now = time.monotonic()
-        if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
-            self._spawn(self._provide)
-        if not self._finding:
-            forming = self._forming()
-            network = now - self._last_network_find > (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S)
-            walk = now - self._last_walk > RANDOM_WALK_S
-            if network:
-                self._last_network_find = now
-            if walk:
-                self._last_walk = now
-            self._spawn(self._find, network, walk)
-
-    async def _discovery_loop(self) -> None:
-        """A cheap tick (local provider store, bootstrap redial) every discovery_interval_s, 4x as
-        often while forming; network lookups every NETWORK_FIND_S (EARLY_NETWORK_FIND_S while
-        forming, and at once on joining); random walks every RANDOM_WALK_S."""
-        while True:
-            await self.discovery_tick()
-            interval = self.config.discovery_interval_s
-            with trio.move_on_after(interval / 4 if self._forming() else interval):
-                await self._kick.wait()
-            if self._kick.is_set():
-                # joined just now: ask the closest peers at once; the random walk (which dials
-                # every peer it meets) waits, so that a whole mesh starting together does not
-                # storm itself with duplicate connections
-                self._last_network_find = -1e9
-                self._last_walk = time.monotonic()
-                self._kick = trio.Event()
-
-    async def _sample_traffic(self) -> None:
-        while True:
-            now = time.monotonic()
-            for t in self.rpc.traffic.values():
-                t.samples.append((now, t.bytes_in, t.bytes_out))
-                del t.samples[:-HISTORY_WINDOW]
-            await trio.sleep(1)
+class Node(Discovery):
+    """One mesh node: its loops and the peer operations. Only the node's trio loop touches it."""
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -610,16 +69,6 @@ class Node:
             task_status.started()
 
     # ---- operations (the peer tools) ---------------------------------------------------
-    async def ping(self, peer_id: str, timeout_s: float | None = None) -> float:
-        """RTT in ms of one RPC ping, timed with perf_counter_ns."""
-        t0 = time.perf_counter_ns()
-        await self.rpc.call(peer_id, "ping", None, timeout_s=timeout_s)
-        return (time.perf_counter_ns() - t0) / 1e6
-
-    async def wait_peers(self, n: int) -> None:
-        while len(self.table.connected()) < n:
-            await trio.sleep(0.05)
-
     def _peer_metrics_brief(self, rec: PeerRecord) -> dict[str, Any]:
         t = self.rpc.traffic_of(rec.peer_id)
         total = t.calls_ok + t.calls_failed
@@ -906,21 +355,6 @@ def _dht_errors(argument: str) -> Iterator[None]:
         raise ArgumentError(argument, f"DHT lookup failed: {type(e).__name__}: {e}") from e
 
 
-def _valid_addrs(value: object) -> list[str]:
-    """The multiaddr strings of a peer's hello that parse (anything else from the network is dropped)."""
-    if not isinstance(value, list):
-        return []
-    out = []
-    for a in value[:32]:
-        if isinstance(a, str) and len(a) < 512:
-            try:
-                multiaddr.Multiaddr(_strip_p2p(a))
-            except Exception:
-                continue
-            out.append(a)
-    return out
-
-
 def _wildcard_announce(listen: str) -> tuple[str, ...]:
     """A node listening on 0.0.0.0 (a container) advertises its interfaces' IPv4 addresses
     instead, so that peers can dial what they learn. Loopback is left out unless it is all."""
@@ -930,17 +364,6 @@ def _wildcard_announce(listen: str) -> tuple[str, ...]:
     ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
            if a.family.name == "AF_INET" and not a.address.startswith("127.")]
     return tuple(f"/ip4/{ip}/tcp/{parts[4]}" for ip in (ips or ["127.0.0.1"]))
-
-
-def _parse_bootstrap(config: NodeConfig) -> list[tuple[str, str]]:
-    """(multiaddr, peer id) of each configured bootstrap; ConfigError names the bad one."""
-    out = []
-    for addr in config.bootstrap:
-        try:
-            out.append((addr, parse_peer_multiaddr(addr, "bootstrap").peer_id.to_base58()))
-        except ArgumentError as e:
-            raise ConfigError("bootstrap", addr, e.reason) from None
-    return out
 
 
 def _bandwidth(samples: list[tuple[float, int, int]]) -> tuple[float, float]:
@@ -954,15 +377,14 @@ def _bandwidth(samples: list[tuple[float, int, int]]) -> tuple[float, float]:
 
 
 @contextlib.asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
-    """Start a node (host listening, DHT and loops running) and stop it on exit.
+async def build_node(config: NodeConfig) -> AsyncIterator[Node]:
+    """A node whose host listens and whose DHT runs, but whose own loops are not started yet:
+    services register their RPC methods and hooks on it, then the caller runs `node.run` in
+    its nursery (see `mcpp.runner.open_services`). Most callers want `open_node`.
 
     Resource handling: the host is closed on exit, also on error or cancellation.
     """
-    _parse_bootstrap(config)  # fail before binding anything
-    from mcpp.queue.model import parse_quotas
-
-    parse_quotas(config.quotas)
+    parse_bootstrap(config)  # fail before binding anything
     os.makedirs(config.data_dir, exist_ok=True)
     # without --identity the key lives with the data: a restarted node is the same peer, and
     # still owns the tasks and workflows its database holds
@@ -972,24 +394,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):
             async with open_dht(host) as dht:
-                node = Node(config, host, dht, metrics)
-                from mcpp.queue.service import QueueService  # the queue is built on the node
-                from mcpp.workflow.engine import WorkflowEngine  # and workflows on the queue
-
-                queue = node.queue = QueueService(node, config)
-                try:
-                    engine = node.workflows = WorkflowEngine(queue)
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(node.run)
-                        await nursery.start(queue.run)
-                        await nursery.start(engine.run)
-                        log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
-                        try:
-                            yield node
-                        finally:
-                            nursery.cancel_scope.cancel()
-                finally:
-                    queue.close()
+                yield Node(config, host, dht, metrics)
     finally:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(3):
@@ -997,3 +402,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                     await host.close()
 
 
+@contextlib.asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+    """Start a node (host listening, DHT and loops running) and stop it on exit: the node alone,
+    with no queue or workflows (`mcpp.runner.open_services` builds those on it)."""
+    async with build_node(config) as node, trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()

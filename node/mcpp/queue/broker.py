@@ -13,24 +13,22 @@ attempt, worker): late or duplicate completions are ignored and counted.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
-import math
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
-from sortedcontainers import SortedList
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-from mcpp.errors import ArgumentError, MCPPError, PayloadTooLarge, QueueError, QuotaExceeded, TaskNotFound
+from mcpp.errors import ArgumentError, QuotaExceeded, TaskNotFound
 from mcpp.log import kv
+from mcpp.queue.attempts import CANCEL_GRACE_S
+from mcpp.queue.broker_state import BrokerSettings, Call, Lease, WorkerView
+from mcpp.queue.dependencies import Dependencies
 from mcpp.queue.model import (
     FINAL,
     RETRYABLE,
@@ -39,109 +37,28 @@ from mcpp.queue.model import (
     TaskRecord,
     cache_key,
     check_number,
-    check_str_list,
-    check_task_id,
-    json_size,
     new_task_id,
     now,
-    owner_of,
-    Quota,
 )
 from mcpp.queue.store import TaskFilter, TaskStore
 
-__all__ = ["Broker", "BrokerSettings", "WorkerView", "check_submit"]
+__all__ = ["Broker", "BrokerSettings", "WorkerView"]
 
 log = logging.getLogger("mcpp.broker")
-Call = Callable[[str, str, Any], Awaitable[Any]]
-TICK_S = 0.1
 DEP_POLL_S = 0.5
-BUSY_BACKOFF_S = 0.05
-UNREACHABLE_BACKOFF_S = 1.0
-CANCEL_GRACE_S = 2.0
 RATE_WINDOW_S = 60.0
-BATCH_BYTES = 1 << 20
 COUNTS_TTL_S = 0.25
 
 
-@dataclass(frozen=True)
-class BrokerSettings:
-    lease_s: float = 5.0
-    max_payload_bytes: int = 1 << 20
-    max_queued_tasks: int = 100_000
-    quotas: tuple[Quota, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """What an owner knows of a worker when it dispatches."""
-
-    peer_id: str
-    worker_id: str
-    task_types: frozenset[str]
-    max_concurrent: int
-    resources: dict[str, float]
-    rtt_ms: float
-
-
-@dataclass
-class Lease:
-    task_id: str
-    worker: str
-    attempt: int
-    task_type: str
-    tags: tuple[str, ...]
-    started: float  # monotonic
-    expires: float  # monotonic
-    timeout_s: float
-    progress: float = 0.0
-    cancel_at: float | None = None  # monotonic: give up waiting for the worker to stop
-    cancel_reason: str | None = None
-
-
-@dataclass
-class _Stats:
-    done_times: deque[float] = field(default_factory=deque)
-    wait_s_total: float = 0.0
-    run_s_total: float = 0.0
-    n_timed: int = 0
-    duplicates_ignored: int = 0
-    retries: int = 0
-    lease_expired: int = 0
-
-
-class Broker:
-    """Only the node's trio loop touches it. `run()` runs the dispatch and lease loops."""
+class Broker(Dependencies):
+    """The owner side of the queue. Only the node's trio loop touches it. `run()` runs the
+    dispatch and lease loops."""
 
     def __init__(self, me: str, store: TaskStore, settings: BrokerSettings, call: Call,
                  workers: Callable[[], list[WorkerView]], known_type: Callable[[str], bool]) -> None:
-        self.me = me
-        self.store = store
-        self.settings = settings
-        self._call = call
-        self._workers = workers
-        self._known_type = known_type
-        self._ready: dict[str, SortedList] = {}
-        self._qentry: dict[str, tuple[tuple[float, int, str], str, tuple[str, ...]]] = {}
-        self._delayed: list[tuple[float, str]] = []  # (wall eta, task id)
-        self._delayed_ids: set[str] = set()
-        self.leases: dict[str, Lease] = {}
-        self._inflight: dict[str, int] = {}
-        self._busy_until: dict[str, float] = {}
-        self._worker_free: dict[str, tuple[int, float]] = {}
-        self.reputation: dict[str, float] = {}
-        self._blocked: dict[str, set[str]] = {}
-        self._dependents: dict[str, set[str]] = {}
-        self._waiters: dict[str, trio.Event] = {}
-        self.paused: dict[str, str] = {}  # task type ("*" = all) -> reason
-        self.stats = _Stats()
-        self.final_hooks: list[Callable[[TaskRecord], None]] = []
-        self._seq = store.max_seq()
-        self._counts_cache: tuple[float, dict[tuple[str, str], int]] | None = None
-        self._wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        super().__init__(me, store, settings, call, workers, known_type)
         self._resume()
 
-    # ---- restart -----------------------------------------------------------------------
     def _resume(self) -> None:
         """Rebuild the in-memory state from the store: queued tasks resume, running ones are
         re-leased for lease_s (their workers' heartbeats or completions keep them), blocked ones
@@ -162,55 +79,6 @@ class Broker:
         if any(n.values()):
             log.info("queue resumed from store", extra=kv(**n))
 
-    # ---- ordering ----------------------------------------------------------------------
-    def _enqueue(self, rec: TaskRecord) -> None:
-        if rec.not_before is not None and rec.not_before > now():
-            heapq.heappush(self._delayed, (rec.not_before, rec.task_id))
-            self._delayed_ids.add(rec.task_id)
-            return
-        key = (-rec.priority, rec.seq, rec.task_id)
-        self._ready.setdefault(rec.task_type, SortedList()).add(key)
-        self._qentry[rec.task_id] = (key, rec.task_type, rec.tags)
-        self._wake.set()
-
-    def _dequeue(self, task_id: str) -> None:
-        entry = self._qentry.pop(task_id, None)
-        if entry is not None:
-            self._ready[entry[1]].discard(entry[0])
-        self._delayed_ids.discard(task_id)  # the heap entry is skipped when it surfaces
-
-    def queue_position(self, task_id: str) -> int | None:
-        entry = self._qentry.get(task_id)
-        if entry is None:
-            return None
-        return int(sum(lst.bisect_left(entry[0]) for lst in self._ready.values()))
-
-    def queued_count(self) -> int:
-        return len(self._qentry) + len(self._delayed_ids) + len(self._blocked)
-
-    def _block(self, rec: TaskRecord) -> None:
-        deps = set(rec.depends_on)
-        local_ids = [d for d in deps if owner_of(d) == self.me or self.store.exists(d)]
-        local = self.store.get_many(local_ids)
-        for d in local_ids:
-            r = local.get(d)
-            if r is None or (r.final and r.status != "completed"):
-                # it ended (or was cleared) before this task was indexed: no event will come
-                self._finish(rec, "failed", error=f"depends_on: {d} ended {r.status if r else 'removed'}")
-                return
-            if r.status == "completed":
-                deps.discard(d)
-        self._blocked[rec.task_id] = deps
-        for d in deps:
-            self._dependents.setdefault(d, set()).add(rec.task_id)
-        if not deps:
-            self._unblock(rec.task_id)
-
-    def _is_local(self, task_id: str) -> bool:
-        o = owner_of(task_id)
-        return o == self.me or self.store.exists(task_id)  # (adopted tasks keep their first owner's id)
-
-    # ---- submit ------------------------------------------------------------------------
     def submit(self, task_type: str, payload: Any, task_id: str | None, priority: float,
                depends_on: list[str], tags: list[str], timeout_s: float, retry_policy: Any,
                metadata: dict[str, Any], cache_ttl_s: float, dep_status: dict[str, str]) -> dict[str, Any]:
@@ -288,7 +156,6 @@ class Broker:
         ahead = (pos or 0) + busy
         return round(max(0.0, (ahead - slots + 1)) * mean_run / slots, 3)
 
-    # ---- reads -------------------------------------------------------------------------
     def get(self, task_id: str) -> TaskRecord:
         rec = self.store.get(task_id)
         if rec is None:
@@ -356,7 +223,6 @@ class Broker:
     def list_tasks(self, flt: TaskFilter, limit: int, offset: int) -> tuple[list[TaskRecord], int]:
         return self.store.select(flt, limit, offset)
 
-    # ---- changes -----------------------------------------------------------------------
     def cancel(self, task_id: str, reason: str | None, force: bool) -> dict[str, Any]:
         rec = self.get(task_id)
         why = reason or "cancelled by request"
@@ -378,12 +244,6 @@ class Broker:
         lease.cancel_reason = why
         return {"task_id": task_id, "status": "running", "cancelled": True, "reason": why,
                 "grace_s": CANCEL_GRACE_S}
-
-    async def _tell_cancel(self, worker: str, task_id: str, attempt: int, reason: str) -> None:
-        try:
-            await self._call(worker, "w.cancel", {"task_id": task_id, "attempt": attempt, "reason": reason})
-        except MCPPError as e:
-            log.debug("cancel not delivered", extra=kv(task=task_id, worker=worker, error=str(e)))
 
     def set_priority(self, task_id: str, priority: float | None, boost: float | None) -> dict[str, Any]:
         rec = self.get(task_id)
@@ -468,280 +328,6 @@ class Broker:
         self._wake.set()
         return {"resumed": was, "task_type": task_type, "reordered": moved, "queued": len(self._qentry)}
 
-    # ---- dispatch ----------------------------------------------------------------------
-    def _dispatchable(self, ttype: str) -> bool:
-        return "*" not in self.paused and ttype not in self.paused
-
-    def _running_by_tag(self, tag: str) -> int:
-        return sum(1 for le in self.leases.values() if tag in le.tags)
-
-    def _quota_ok(self, tags: tuple[str, ...], extra: dict[str, int]) -> bool:
-        for q in self.settings.quotas:
-            if q.max_running is not None and q.tag in tags:
-                if self._running_by_tag(q.tag) + extra.get(q.tag, 0) >= q.max_running:
-                    return False
-        return True
-
-    def _score(self, w: WorkerView, slots: int) -> float:
-        """Free capacity first, then reputation (task outcomes), then latency."""
-        free_ratio = slots / max(1, w.max_concurrent)
-        rep = self.reputation.get(w.peer_id, 0.5)
-        return free_ratio + 0.5 * rep - min(w.rtt_ms, 100.0) / 100.0
-
-    def _select(self) -> dict[str, list[tuple[TaskRecord, WorkerView]]]:
-        mono = time.monotonic()
-        slots: dict[str, int] = {}
-        views: dict[str, WorkerView] = {}
-        for w in self._workers():
-            if self._busy_until.get(w.peer_id, 0.0) > mono:
-                continue
-            n = w.max_concurrent - self._inflight.get(w.peer_id, 0)
-            reported = self._worker_free.get(w.peer_id)
-            if reported is not None and mono - reported[1] < 0.5:
-                n = min(n, reported[0] + 0)  # the worker's own count covers other owners' tasks
-            if n > 0:
-                slots[w.peer_id] = n
-                views[w.peer_id] = w
-        if not slots:
-            return {}
-        picked: dict[str, list[tuple[TaskRecord, WorkerView]]] = {}
-        tag_extra: dict[str, int] = {}
-        skip_types: set[str] = set()
-        positions: dict[str, int] = {}
-        budget = sum(slots.values())
-        while budget > 0:
-            best: tuple[tuple[float, int, str], str] | None = None
-            for ttype, lst in self._ready.items():
-                if ttype in skip_types or not lst or not self._dispatchable(ttype):
-                    continue
-                i = positions.get(ttype, 0)
-                if i >= len(lst) or i > 200:
-                    continue
-                key = lst[i]
-                if best is None or key < best[0]:
-                    best = (key, ttype)
-            if best is None:
-                break
-            key, ttype = best
-            tid = key[2]
-            tags = self._qentry[tid][2]
-            eligible = [views[p] for p in slots if ttype in views[p].task_types]
-            if not eligible:
-                skip_types.add(ttype)
-                continue
-            if not self._quota_ok(tags, tag_extra):
-                positions[ttype] = positions.get(ttype, 0) + 1
-                continue
-            rec = self.store.get(tid)
-            if rec is None:  # cleared meanwhile
-                self._dequeue(tid)
-                continue
-            needs = rec.needs()
-            fit = [w for w in eligible if all(v <= w.resources.get(k, math.inf) for k, v in needs.items())]
-            if not fit:
-                positions[ttype] = positions.get(ttype, 0) + 1
-                continue
-            w = max(fit, key=lambda v: self._score(v, slots[v.peer_id]))
-            self._dequeue(tid)
-            picked.setdefault(w.peer_id, []).append((rec, w))
-            for tg in tags:
-                tag_extra[tg] = tag_extra.get(tg, 0) + 1
-            slots[w.peer_id] -= 1
-            if slots[w.peer_id] == 0:
-                del slots[w.peer_id]
-            budget -= 1
-        return picked
-
-    def _dispatch_round(self) -> None:
-        picked = self._select()
-        mono = time.monotonic()
-        t = now()
-        for peer, items in picked.items():
-            batch: list[TaskRecord] = []
-            for rec, _ in items:
-                new = rec.replace(status="running", attempts=rec.attempts + 1, worker=peer, started_at=t)
-                self.leases[rec.task_id] = Lease(rec.task_id, peer, new.attempts, rec.task_type, rec.tags,
-                                                 mono, mono + self.settings.lease_s, rec.timeout_s)
-                batch.append(new)
-            self._inflight[peer] = self._inflight.get(peer, 0) + len(batch)
-            self.store.save(batch)
-            # keep a dispatch message well under the RPC frame limit
-            chunk: list[TaskRecord] = []
-            size = 0
-            for new in batch:
-                sz = json_size("payload", new.payload)
-                if chunk and size + sz > BATCH_BYTES:
-                    self._spawn(self._send_run, peer, chunk)
-                    chunk, size = [], 0
-                chunk.append(new)
-                size += sz
-            if chunk:
-                self._spawn(self._send_run, peer, chunk)
-
-    async def _send_run(self, peer: str, batch: list[TaskRecord]) -> None:
-        msg = {"owner": self.me, "tasks": [
-            {"task_id": r.task_id, "attempt": r.attempts, "task_type": r.task_type, "payload": r.payload,
-             "timeout_s": r.timeout_s, "needs": r.needs()} for r in batch]}
-        try:
-            answer = await self._call(peer, "w.run", msg)
-        except MCPPError as e:
-            log.info("dispatch failed", extra=kv(worker=peer, n=len(batch), error=str(e)))
-            self._busy_until[peer] = time.monotonic() + UNREACHABLE_BACKOFF_S
-            self._feed(peer, False)
-            self._undo_dispatch(batch)
-            return
-        free = answer.get("free") if isinstance(answer, dict) else None
-        rejected = answer.get("rejected") if isinstance(answer, dict) else None
-        if not isinstance(free, int) or isinstance(free, bool) or not isinstance(rejected, dict):
-            log.warning("malformed dispatch answer", extra=kv(worker=peer))
-            self._busy_until[peer] = time.monotonic() + UNREACHABLE_BACKOFF_S
-            self._undo_dispatch(batch)
-            return
-        self._worker_free[peer] = (free, time.monotonic())
-        if rejected:
-            self._busy_until[peer] = time.monotonic() + BUSY_BACKOFF_S
-            self._undo_dispatch([r for r in batch if r.task_id in rejected])
-
-    def _undo_dispatch(self, batch: list[TaskRecord]) -> None:
-        """The worker did not take these: back to the queue, the attempt not counted."""
-        back = []
-        for r in batch:
-            lease = self.leases.get(r.task_id)
-            if lease is None or lease.attempt != r.attempts or lease.worker != r.worker:
-                continue  # finished (or re-leased) meanwhile
-            self._end_lease(lease)
-            cur = self.store.get(r.task_id)
-            if cur is None or cur.status != "running":
-                continue
-            back.append(cur.replace(status="queued", attempts=cur.attempts - 1, worker=None, started_at=None))
-        self.store.save(back)
-        for r in back:
-            self._enqueue(r)
-
-    def _end_lease(self, lease: Lease) -> None:
-        self.leases.pop(lease.task_id, None)
-        n = self._inflight.get(lease.worker, 0) - 1
-        if n > 0:
-            self._inflight[lease.worker] = n
-        else:
-            self._inflight.pop(lease.worker, None)
-
-    def _feed(self, worker: str, ok: bool) -> None:
-        rep = self.reputation.get(worker, 0.5)
-        self.reputation[worker] = 0.9 * rep + 0.1 * (1.0 if ok else 0.0)
-
-    # ---- worker reports ----------------------------------------------------------------
-    def on_beat(self, worker: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-        mono = time.monotonic()
-        lost = []
-        for t in tasks:
-            if not isinstance(t, dict):
-                continue
-            lease = self.leases.get(str(t.get("task_id")))
-            if lease is None or lease.worker != worker or lease.attempt != t.get("attempt"):
-                lost.append(t.get("task_id"))
-                continue
-            lease.expires = mono + self.settings.lease_s
-            p = t.get("progress")
-            if isinstance(p, (int, float)) and 0 <= p <= 1:
-                lease.progress = float(p)
-        return {"lost": lost}
-
-    def on_done(self, worker: str, free: int | None, results: list[dict[str, Any]]) -> dict[str, Any]:
-        if free is not None:
-            self._worker_free[worker] = (free, time.monotonic())
-        taken = ignored = 0
-        for c in results:
-            tid = str(c.get("task_id"))
-            lease = self.leases.get(tid)
-            if lease is None or lease.worker != worker or lease.attempt != c.get("attempt"):
-                ignored += 1
-                self.stats.duplicates_ignored += 1
-                continue
-            rec = self.store.get(tid)
-            if rec is None:
-                self._end_lease(lease)
-                continue
-            self._end_lease(lease)
-            self._complete_attempt(rec, lease, c)
-            taken += 1
-        self._wake.set()
-        return {"taken": taken, "ignored": ignored}
-
-    def _attempt_entry(self, rec: TaskRecord, lease: Lease, outcome: str, error: str | None,
-                       started: float | None = None, finished: float | None = None) -> tuple[dict[str, Any], ...]:
-        entry = {"attempt": lease.attempt, "worker": lease.worker, "outcome": outcome, "error": error,
-                 "started_at": started if started is not None else rec.started_at,
-                 "finished_at": finished if finished is not None else now()}
-        return (*rec.history, entry)
-
-    def _complete_attempt(self, rec: TaskRecord, lease: Lease, c: dict[str, Any]) -> None:
-        outcome = str(c.get("outcome"))
-        error = None if c.get("error") is None else str(c.get("error"))[:10_000]
-        started, finished = c.get("started_at"), c.get("finished_at")
-        started = started if isinstance(started, (int, float)) and not isinstance(started, bool) else None
-        finished = finished if isinstance(finished, (int, float)) and not isinstance(finished, bool) else None
-        history = self._attempt_entry(rec, lease, outcome, error, started, finished)
-        raw_logs = c.get("logs")
-        logs = tuple(str(x)[:1000] for x in (raw_logs[:500] if isinstance(raw_logs, list) else []))
-        rec = rec.replace(logs=(*rec.logs, *logs)[-500:])
-        if outcome == "ok":
-            self._feed(lease.worker, True)
-            self._finish(rec, "completed", result=c.get("result"), history=history,
-                         started_at=started if isinstance(started, (int, float)) else rec.started_at)
-        elif lease.cancel_at is not None:  # a cancel was accepted: whatever else happened, it stays cancelled
-            self._finish(rec, "cancelled", error=lease.cancel_reason, history=history)
-        elif outcome in ("requeue", "cancelled"):
-            # the worker stopped it (unregistered without drain, or shut down): not the task's fault
-            back = rec.replace(status="queued", attempts=rec.attempts - 1, worker=None, history=history)
-            self.store.save([back])
-            self._enqueue(back)
-        else:
-            if outcome == "timeout":
-                self._feed(lease.worker, True)  # the worker did its job: it enforced the limit
-            self._attempt_failed(rec, history, error or outcome)
-
-    def _attempt_failed(self, rec: TaskRecord, history: tuple[dict[str, Any], ...], error: str) -> None:
-        if rec.attempts >= rec.retry_policy.max_attempts:
-            self._finish(rec, "dead_lettered", error=f"{error} (after {rec.attempts} attempts)", history=history)
-            return
-        self.stats.retries += 1
-        eta = now() + rec.retry_policy.delay_s(rec.attempts)
-        back = rec.replace(status="queued", worker=None, error=error, history=history, not_before=eta)
-        self.store.save([back])
-        self._enqueue(back)
-
-    def _finish(self, rec: TaskRecord, status: str, *, result: Any = None, error: str | None = None,
-                history: tuple[dict[str, Any], ...] | None = None, started_at: float | None = None) -> None:
-        changes: dict[str, Any] = {"status": status, "finished_at": now(),
-                                   "result": result if status == "completed" else None,
-                                   "error": None if status == "completed" else error}
-        if history is not None:
-            changes["history"] = history
-        if started_at is not None:
-            changes["started_at"] = started_at
-        new = rec.replace(**changes)
-        self.store.save([new])
-        self._finished(new)
-
-    def _finished(self, rec: TaskRecord) -> None:
-        if rec.status == "completed":
-            self.stats.done_times.append(time.monotonic())
-            if rec.started_at is not None and rec.finished_at is not None and rec.cached_from is None:
-                self.stats.wait_s_total += max(0.0, rec.started_at - (rec.queued_at or rec.created_at))
-                self.stats.run_s_total += max(0.0, rec.finished_at - rec.started_at)
-                self.stats.n_timed += 1
-        ev = self._waiters.pop(rec.task_id, None)
-        if ev is not None:
-            ev.set()
-        self.dependency_final(rec.task_id, rec.status)
-        for hook in self.final_hooks:
-            try:
-                hook(rec)
-            except Exception:
-                log.critical("final hook failed", exc_info=True, extra=kv(task=rec.task_id))
-
-    # ---- owner loss (see replica.py) ---------------------------------------------------
     def adopt(self, recs: list[TaskRecord]) -> list[TaskRecord]:
         """Take over tasks of a lost owner: stored as this node's, same ids, queued again
         (or blocked on their dependencies). Final or already known ones are skipped."""
@@ -779,46 +365,6 @@ class Broker:
         self._counts_cache = None
         return len(gone)
 
-    # ---- dependencies ------------------------------------------------------------------
-    def dependency_final(self, dep_id: str, status: str) -> None:
-        for tid in list(self._dependents.get(dep_id, ())):
-            deps = self._blocked.get(tid)
-            if deps is None:
-                continue
-            if status == "completed":
-                deps.discard(dep_id)
-                self._dependents[dep_id].discard(tid)
-                if not deps:
-                    self._unblock(tid)
-            else:
-                rec = self.store.get(tid)
-                self._drop_blocked(tid)
-                if rec is not None and not rec.final:
-                    self._finish(rec, "failed", error=f"depends_on: {dep_id} ended {status}")
-        if not self._dependents.get(dep_id):
-            self._dependents.pop(dep_id, None)
-
-    def _unblock(self, task_id: str) -> None:
-        self._drop_blocked(task_id)
-        rec = self.store.get(task_id)
-        if rec is not None and rec.status == "blocked":
-            rec = rec.replace(status="queued", queued_at=now())
-            self.store.save([rec])
-            self._enqueue(rec)
-
-    def _drop_blocked(self, task_id: str) -> None:
-        deps = self._blocked.pop(task_id, None) or set()
-        for d in deps:
-            s = self._dependents.get(d)
-            if s is not None:
-                s.discard(task_id)
-                if not s:
-                    del self._dependents[d]
-
-    def remote_dependencies(self) -> list[str]:
-        return [d for d in self._dependents if not self._is_local(d)]
-
-    # ---- statistics --------------------------------------------------------------------
     def _counts(self) -> dict[tuple[str, str], int]:
         """The store's counts by (status, type): a scan of the table, so cached for COUNTS_TTL_S."""
         mono = time.monotonic()
@@ -856,71 +402,6 @@ class Broker:
             "duplicate_completions_ignored": self.stats.duplicates_ignored,
         }
 
-    # ---- loops -------------------------------------------------------------------------
-    def _tick(self) -> None:
-        mono = time.monotonic()
-        t = now()
-        while self._delayed and self._delayed[0][0] <= t:
-            _, tid = heapq.heappop(self._delayed)
-            if tid in self._delayed_ids:
-                self._delayed_ids.discard(tid)
-                rec = self.store.get(tid)
-                if rec is not None and rec.status == "queued":
-                    self._enqueue(rec.replace(not_before=None))
-        for lease in list(self.leases.values()):
-            rec = None
-            if lease.cancel_at is not None and mono >= lease.cancel_at:
-                rec = self.store.get(lease.task_id)
-                self._end_lease(lease)
-                if rec is not None:
-                    why = f"{lease.cancel_reason} (worker did not stop within {CANCEL_GRACE_S:g} s)"
-                    self._finish(rec, "cancelled", error=why,
-                                 history=self._attempt_entry(rec, lease, "cancelled", why))
-            elif mono >= lease.expires or mono - lease.started > lease.timeout_s + self.settings.lease_s:
-                expired = mono >= lease.expires
-                self._end_lease(lease)
-                self._feed(lease.worker, False)
-                if expired:  # a worker that stopped renewing is suspect: give it nothing for a while
-                    self._busy_until[lease.worker] = mono + max(UNREACHABLE_BACKOFF_S, 2 * self.settings.lease_s)
-                rec = self.store.get(lease.task_id)
-                why = (f"lease expired: worker {lease.worker} stopped renewing it" if expired
-                       else f"timeout_s: ran longer than {lease.timeout_s:g} s")
-                self.stats.lease_expired += 1
-                log.info("lease expired", extra=kv(task=lease.task_id, worker=lease.worker, reason=why))
-                self._spawn(self._tell_cancel, lease.worker, lease.task_id, lease.attempt, why)
-                if rec is not None and rec.status == "running":
-                    if lease.cancel_at is not None:  # a cancel was accepted: it is not retried
-                        self._finish(rec, "cancelled", error=lease.cancel_reason,
-                                     history=self._attempt_entry(rec, lease, "lost", why))
-                    else:
-                        self._attempt_failed(rec, self._attempt_entry(rec, lease, "lost", why), why)
-                self._wake.set()
-
-    async def _tick_loop(self) -> None:
-        while True:
-            self._tick()
-            await trio.sleep(TICK_S)
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            self._dispatch_round()
-            # a worker that refused or a quota that holds a task back: look again shortly
-            if self._qentry:
-                with trio.move_on_after(BUSY_BACKOFF_S):
-                    await self._wake.wait()
-                self._wake.set()
-
-    def kick(self) -> None:
-        """Something changed outside (a worker joined or changed): try to dispatch."""
-        self._wake.set()
-
-    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        if self._nursery is not None:
-            with contextlib.suppress(RuntimeError):  # closed: the node is shutting down
-                self._nursery.start_soon(fn, *args)
-
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -930,30 +411,3 @@ class Broker:
 
 
 _EMPTY = TaskRecord(task_id="", task_type="", owner="")
-
-
-def check_submit(task_type: Any, payload: Any, task_id: Any, priority: Any, depends_on: Any, tags: Any,
-                 timeout_s: Any, retry_policy: Any, metadata: Any, cache_ttl_s: Any,
-                 max_payload_bytes: int) -> None:
-    """Every argument check of task_submit; raises ArgumentError naming the argument."""
-    if not isinstance(task_type, str) or not task_type:
-        raise ArgumentError("task_type", "must be a non-empty string")
-    size = json_size("payload", payload)
-    if size > max_payload_bytes:
-        raise PayloadTooLarge("payload", f"{size} bytes is over the limit of {max_payload_bytes} (max_payload_bytes)")
-    if task_id is not None:
-        check_task_id(task_id)
-    check_number("priority", priority, -1e9, 1e9)
-    deps = check_str_list("depends_on", depends_on, max_items=1000)
-    for i, d in enumerate(deps):
-        check_task_id(d, f"depends_on[{i}]")
-    if task_id is not None and task_id in deps:
-        raise ArgumentError("depends_on", "a task cannot depend on itself")
-    check_str_list("tags", tags, max_items=50)
-    check_number("timeout_s", timeout_s, 0.001, 86400 * 7)
-    RetryPolicy.parse(retry_policy)
-    if not isinstance(metadata, dict):
-        raise ArgumentError("metadata", "must be an object")
-    if json_size("metadata", metadata) > 64 * 1024:
-        raise ArgumentError("metadata", "at most 64 KiB of JSON")
-    check_number("cache_ttl_s", cache_ttl_s, 0, 86400 * 365)

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcpp.errors import ArgumentError, ConfigError
+from mcpp.errors import ArgumentError, ConfigError, PayloadTooLarge
 
 __all__ = [
     "STATUSES",
@@ -33,6 +33,7 @@ __all__ = [
     "now",
     "Quota",
     "parse_quotas",
+    "check_submit",
 ]
 
 STATUSES = ("blocked", "queued", "running", "completed", "failed", "cancelled", "dead_lettered")
@@ -236,3 +237,30 @@ def parse_quotas(specs: tuple[str, ...]) -> tuple[Quota, ...]:
             raise ConfigError("quotas", spec, "expected TAG=MAX_QUEUED/MAX_RUNNING, e.g. batch=100/4") from None
         out.append(Quota(tag, mq, mr))
     return tuple(out)
+
+
+def check_submit(task_type: Any, payload: Any, task_id: Any, priority: Any, depends_on: Any, tags: Any,
+                 timeout_s: Any, retry_policy: Any, metadata: Any, cache_ttl_s: Any,
+                 max_payload_bytes: int) -> None:
+    """Every argument check of task_submit; raises ArgumentError naming the argument."""
+    if not isinstance(task_type, str) or not task_type:
+        raise ArgumentError("task_type", "must be a non-empty string")
+    size = json_size("payload", payload)
+    if size > max_payload_bytes:
+        raise PayloadTooLarge("payload", f"{size} bytes is over the limit of {max_payload_bytes} (max_payload_bytes)")
+    if task_id is not None:
+        check_task_id(task_id)
+    check_number("priority", priority, -1e9, 1e9)
+    deps = check_str_list("depends_on", depends_on, max_items=1000)
+    for i, d in enumerate(deps):
+        check_task_id(d, f"depends_on[{i}]")
+    if task_id is not None and task_id in deps:
+        raise ArgumentError("depends_on", "a task cannot depend on itself")
+    check_str_list("tags", tags, max_items=50)
+    check_number("timeout_s", timeout_s, 0.001, 86400 * 7)
+    RetryPolicy.parse(retry_policy)
+    if not isinstance(metadata, dict):
+        raise ArgumentError("metadata", "must be an object")
+    if json_size("metadata", metadata) > 64 * 1024:
+        raise ArgumentError("metadata", "at most 64 KiB of JSON")
+    check_number("cache_ttl_s", cache_ttl_s, 0, 86400 * 365)

@@ -123,15 +123,15 @@ class Replicator:
         q.serve("r.adopted", self._rpc_adopted)
         q.serve("r.sees", self._rpc_sees)
         q.broker.final_hooks.append(self._on_final)
-        q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._reconcile, pid))
-        q.node.peer_joined_hooks.append(lambda pid: q.node._spawn(self._drop_finished, pid))
+        q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._reconcile, pid))
+        q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._drop_finished, pid))
         q.serve("r.finished", self._rpc_finished)
 
     # ---- owner side --------------------------------------------------------------------
     def replica_peers(self) -> list[str]:
         if self.copies <= 0:
             return []
-        peers = self.q._peers()
+        peers = self.q.peers()
         peers.sort(key=lambda p: _distance(self.me, p))
         return peers[: self.copies]
 
@@ -139,7 +139,7 @@ class Replicator:
         """Copy a just-accepted task to the replica peers. One batch is in flight at a time and
         the next one collects everything accepted meanwhile. With `sync` the caller returns
         when its batch was delivered (or after REPLICATE_WAIT_S); otherwise at once."""
-        if self.copies <= 0 or not self.q._peers():
+        if self.copies <= 0 or not self.q.peers():
             return
         rec = self.q.store.get(task_id)
         if rec is None or rec.final:
@@ -150,7 +150,7 @@ class Replicator:
             ev = self._batch_done = trio.Event()
         if not self._flushing:
             self._flushing = True
-            self.q.node._spawn(self._flusher)
+            self.q.spawn(self._flusher)
         if self.sync:
             with trio.move_on_after(REPLICATE_WAIT_S):
                 await ev.wait()
@@ -175,7 +175,7 @@ class Replicator:
 
         async def one(pid: str) -> None:
             try:
-                await self.q._call(pid, "r.put", body, REPLICATE_WAIT_S)
+                await self.q.call(pid, "r.put", body, REPLICATE_WAIT_S)
             except MCPPError as e:
                 failed.append(pid)
                 log.warning("replication failed", extra=kv(peer=pid, error=str(e)))
@@ -211,7 +211,7 @@ class Replicator:
     async def _reconcile(self, peer: str) -> None:
         """A peer (re)joined: drop my tasks that it adopted while I was away."""
         try:
-            ids = await self.q._call(peer, "r.adopted", {}, 10.0)
+            ids = await self.q.call(peer, "r.adopted", {}, 10.0)
         except MCPPError:
             return
         if isinstance(ids, list) and ids:
@@ -231,7 +231,7 @@ class Replicator:
             ids = [r[0] for r in self.db.execute("SELECT task_id FROM replicas WHERE owner = ? AND received_at < ?",
                                                  (owner, time.time() - older_than_s))]
             for i in range(0, len(ids), PUSH_BATCH):
-                done = await self.q._call(owner, "r.finished", {"ids": ids[i : i + PUSH_BATCH]}, 10.0)
+                done = await self.q.call(owner, "r.finished", {"ids": ids[i : i + PUSH_BATCH]}, 10.0)
                 if isinstance(done, list) and done:
                     self.db.executemany("DELETE FROM replicas WHERE task_id = ? AND owner = ?",
                                         [(t, owner) for t in done if isinstance(t, str)])
@@ -284,7 +284,7 @@ class Replicator:
         owner = p.get("owner") if isinstance(p, dict) else None
         if not isinstance(owner, str):
             raise ArgumentError("owner", "must be a peer id string")
-        return {"connected": owner in self.q._peers()}
+        return {"connected": owner in self.q.peers()}
 
     def held(self) -> dict[str, int]:
         rows = self.db.execute("SELECT owner, COUNT(*) FROM replicas GROUP BY owner").fetchall()
@@ -313,7 +313,7 @@ class Replicator:
         self.adopted_count += n
         log.warning("adopted the tasks of a lost owner", extra=kv(owner=owner, tasks=n))
         if adopted and self.replica_peers():  # they are mine now: my replicas hold them too
-            self.q.node._spawn(self._send, self.replica_peers(), {"records": [pack(r) for r in adopted]})
+            self.q.spawn(self._send, self.replica_peers(), {"records": [pack(r) for r in adopted]})
         return n
 
     # ---- the loop ----------------------------------------------------------------------
@@ -329,18 +329,18 @@ class Replicator:
         peers = self.replica_peers()
         if self._finals and peers:
             finals, self._finals = self._finals, []
-            self.q.node._spawn(self._send_finals, peers, finals)
+            self.q.spawn(self._send_finals, peers, finals)
         new = [p for p in peers if p not in self._last_set]
         if new:
-            self.q.node._spawn(self._push_active, new)
+            self.q.spawn(self._push_active, new)
         self._last_set = tuple(peers)
-        connected = set(self.q._peers())
+        connected = set(self.q.peers())
         mono = time.monotonic()
         if mono - self._last_held_check >= HELD_CHECK_S:
             self._last_held_check = mono
             for owner in self.held():
                 if owner in connected:
-                    self.q.node._spawn(self._drop_finished, owner, HELD_CHECK_S)
+                    self.q.spawn(self._drop_finished, owner, HELD_CHECK_S)
         for owner in self.held():
             if owner in connected or owner == self.me:
                 self._absent_since.pop(owner, None)
@@ -348,7 +348,7 @@ class Replicator:
             since = self._absent_since.setdefault(owner, mono)
             if mono - since >= self.owner_timeout_s and owner not in self._probing:
                 self._probing.add(owner)
-                self.q.node._spawn(self._probe_then_adopt, owner)
+                self.q.spawn(self._probe_then_adopt, owner)
 
     async def _probe_then_adopt(self, owner: str) -> None:
         try:
@@ -357,7 +357,7 @@ class Replicator:
             if alive:
                 self.adoptions_declined += 1
                 log.info("owner unreachable from here but alive: not adopting", extra=kv(owner=owner, via=alive))
-            elif owner not in self.q._peers():
+            elif owner not in self.q.peers():
                 self.adopt(owner)
         finally:
             self._probing.discard(owner)
@@ -373,14 +373,14 @@ class Replicator:
 
         async def ask(peer: str) -> None:
             try:
-                r = await self.q._call(peer, "r.sees", {"owner": owner}, PROBE_TIMEOUT_S)
+                r = await self.q.call(peer, "r.sees", {"owner": owner}, PROBE_TIMEOUT_S)
             except MCPPError:
                 return
             if isinstance(r, dict) and r.get("connected") is True:
                 seen.append(peer)
 
         async with trio.open_nursery() as nursery:
-            for peer in self.q._peers():
+            for peer in self.q.peers():
                 if peer != owner:
                     nursery.start_soon(ask, peer)
         return seen[0] if seen else None

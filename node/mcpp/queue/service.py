@@ -9,6 +9,7 @@ peer in parallel and merge; a peer that does not answer in time is listed as unr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import OrderedDict
@@ -27,9 +28,18 @@ if TYPE_CHECKING:
 from mcpp.config import NodeConfig
 from mcpp.errors import ArgumentError, MCPPError, OwnerError, PeerError, QueueError, RemoteError, RPCError, TaskNotFound
 from mcpp.log import kv
-from mcpp.queue.broker import Broker, BrokerSettings, WorkerView, check_submit
+from mcpp.queue.broker import Broker, BrokerSettings, WorkerView
 from mcpp.queue.handlers import HandlerRegistry
-from mcpp.queue.model import STATUSES, parse_quotas, check_limit, check_number, check_str_list, check_task_id, owner_of
+from mcpp.queue.model import (
+    STATUSES,
+    check_limit,
+    check_number,
+    check_str_list,
+    check_submit,
+    check_task_id,
+    owner_of,
+    parse_quotas,
+)
 from mcpp.queue.store import TaskFilter, TaskStore
 from mcpp.queue.worker import Worker, WorkerSettings
 
@@ -52,15 +62,17 @@ class QueueService:
         self.config = config
         self.store = TaskStore(Path(config.data_dir) / STORE_FILE)
         self.registry = HandlerRegistry(config.handlers)
-        self.worker = Worker(self.me, self.registry, self._initial_worker_settings(), self._call,
+        self.worker = Worker(self.me, self.registry, self._initial_worker_settings(), self.call,
                              config.lease_s, config.max_payload_bytes)
         self.broker = Broker(
             self.me, self.store,
             BrokerSettings(config.lease_s, config.max_payload_bytes, config.max_queued_tasks, parse_quotas(config.quotas)),
-            self._call, self._worker_views, self._type_known,
+            self.call, self.worker_views, self.type_known,
         )
         self.worker.on_change = self._worker_changed
         self._located: OrderedDict[str, str] = OrderedDict()
+        self._nursery: trio.Nursery | None = None
+        self._pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = []
         self._process = psutil.Process()
         self._local: dict[str, RpcHandler] = {
             "q.submit": self._rpc_submit,
@@ -93,6 +105,15 @@ class QueueService:
     def close(self) -> None:
         self.store.close()
 
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run `fn(*args)` in the queue's own nursery (held until `run` starts; dropped once the
+        service is shutting down)."""
+        if self._nursery is None:
+            self._pending.append((fn, args))
+            return
+        with contextlib.suppress(RuntimeError):  # closed: the node is shutting down
+            self._nursery.start_soon(fn, *args)
+
     def serve(self, method: str, handler: RpcHandler) -> None:
         """Serve an RPC method (also when this node calls itself through `_call`)."""
         self._local[method] = handler
@@ -110,25 +131,25 @@ class QueueService:
         types = tuple(c for c in caps if self.registry.get(c) is not None) if caps else tuple(self.registry.names())
         return WorkerSettings(self.me, types, self.config.max_concurrent)
 
-    async def _call(self, peer: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
+    async def call(self, peer: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
         """An RPC to `peer`, or a direct call when the peer is this node (same handlers)."""
         if peer == self.me:
             return await self._local[method](self.me, params)
         return await self.node.rpc.call(peer, method, params, timeout_s=timeout_s)
 
-    async def _owner_call(self, owner: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
+    async def owner_call(self, owner: str, method: str, params: Any, timeout_s: float | None = None) -> Any:
         """A call forwarded to a task's owner; the owner's errors keep their message."""
         try:
-            return await self._call(owner, method, params, timeout_s)
+            return await self.call(owner, method, params, timeout_s)
         except RemoteError as e:
             raise OwnerError(owner, e.code, e.remote_message) from None
         except (PeerError, RPCError) as e:
             raise QueueError(f"task_id: the task's owner {owner} is not reachable ({e})") from None
 
-    def _peers(self) -> list[str]:
+    def peers(self) -> list[str]:
         return [r.peer_id for r in self.node.table.connected() if r.hello_done]
 
-    def _worker_views(self) -> list[WorkerView]:
+    def worker_views(self) -> list[WorkerView]:
         views = []
         s = self.worker.settings
         if s.active and s.task_types:
@@ -147,16 +168,16 @@ class QueueService:
                 continue  # a peer that advertises nonsense gets no tasks
         return views
 
-    def _type_known(self, task_type: str) -> bool:
+    def type_known(self, task_type: str) -> bool:
         if self.registry.get(task_type) is not None:
             return True
-        return any(task_type in w.task_types for w in self._worker_views())
+        return any(task_type in w.task_types for w in self.worker_views())
 
     def _worker_changed(self) -> None:
         self.store.set_meta("worker", self.worker.settings.as_dict())
         info = self.worker.info()
-        for pid in self._peers():
-            self.node._spawn(self._push_worker_info, pid, info)
+        for pid in self.peers():
+            self.spawn(self._push_worker_info, pid, info)
         self.node.reprovide_soon()
         self.broker.kick()
 
@@ -166,15 +187,15 @@ class QueueService:
         except MCPPError as e:
             log.debug("worker update not delivered", extra=kv(peer=peer, error=str(e)))
 
-    async def _gather(self, method: str, params: Any, peers: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    async def gather(self, method: str, params: Any, peers: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
         """Call `method` on this node and every connected peer at once: ({peer: answer}, unreachable)."""
         answers: dict[str, Any] = {}
         failed: list[str] = []
-        targets = [self.me, *(self._peers() if peers is None else peers)]
+        targets = [self.me, *(self.peers() if peers is None else peers)]
 
         async def one(pid: str) -> None:
             try:
-                answers[pid] = await self._call(pid, method, params, MESH_CALL_S)
+                answers[pid] = await self.call(pid, method, params, MESH_CALL_S)
             except MCPPError as e:
                 failed.append(pid)
                 log.debug("mesh call failed", extra=kv(peer=pid, method=method, error=str(e)))
@@ -212,7 +233,7 @@ class QueueService:
         cached = self._located.get(task_id)
         if cached is not None:
             return cached
-        answers, _ = await self._gather("q.where", {"ids": [task_id]}, self._peers())
+        answers, _ = await self.gather("q.where", {"ids": [task_id]}, self.peers())
         for pid, ids in answers.items():
             if pid != self.me and task_id in (ids or []):
                 self._located[task_id] = pid
@@ -233,7 +254,7 @@ class QueueService:
         # a forwarded submit is checked again: the peer's own checks are not to be trusted
         check_submit(p["task_type"], p["payload"], p["task_id"], p["priority"], p["depends_on"], p["tags"],
                      p["timeout_s"], p["retry_policy"], p["metadata"], p["cache_ttl_s"], self.config.max_payload_bytes)
-        if not self._type_known(p["task_type"]):
+        if not self.type_known(p["task_type"]):
             raise ArgumentError("task_type", f"unknown task type {p['task_type']!r}")
         return await self._accept({k: p[k] for k in ("task_type", "payload", "task_id", "priority", "depends_on",
                                                      "tags", "timeout_s", "retry_policy", "metadata", "cache_ttl_s")})
@@ -310,7 +331,7 @@ class QueueService:
         metadata = metadata or {}
         check_submit(task_type, payload, task_id, priority, depends_on, tags, timeout_s, retry_policy, metadata,
                      cache_ttl_s, self.config.max_payload_bytes)
-        if not self._type_known(task_type):
+        if not self.type_known(task_type):
             raise ArgumentError("task_type", f"unknown task type {task_type!r}: no worker of the mesh serves it "
                                 f"(this node's handlers: {', '.join(self.registry.names())})")
         args = {"task_type": task_type, "payload": payload, "task_id": task_id, "priority": priority,
@@ -320,7 +341,7 @@ class QueueService:
         if task_id is not None:
             owner = owner_of(task_id) or await self.find(task_id) or self.me
         if owner != self.me:
-            return dict(await self._owner_call(owner, "q.submit", args))
+            return dict(await self.owner_call(owner, "q.submit", args))
         return await self._accept(args)
 
     async def _accept(self, a: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +353,7 @@ class QueueService:
         for i, d in enumerate(deps):
             by_owner.setdefault(await self.locate(d, f"depends_on[{i}]"), []).append(d)
         for owner, ids in by_owner.items():
-            dep_status.update(await self._owner_call(owner, "q.statuses", {"ids": ids}))
+            dep_status.update(await self.owner_call(owner, "q.statuses", {"ids": ids}))
         for i, d in enumerate(deps):
             if d not in dep_status:
                 raise TaskNotFound(d, f"depends_on[{i}]")
@@ -343,7 +364,7 @@ class QueueService:
 
     async def status(self, task_id: Any, include_metrics: bool) -> dict[str, Any]:
         tid = check_task_id(task_id)
-        return dict(await self._owner_call(await self.locate(tid), "q.status",
+        return dict(await self.owner_call(await self.locate(tid), "q.status",
                                            {"task_id": tid, "include_metrics": include_metrics}))
 
     async def result(self, task_id: Any, wait: bool, timeout_s: Any, include_logs: bool,
@@ -354,7 +375,7 @@ class QueueService:
         params = {"task_id": tid, "wait": wait, "timeout_s": timeout_s, "include_logs": include_logs,
                   "include_history": include_history}
         if owner == self.me or not wait:
-            return dict(await self._owner_call(owner, "q.result", params, float(timeout_s) + 10))
+            return dict(await self.owner_call(owner, "q.result", params, float(timeout_s) + 10))
         # a long wait at a remote owner is cut into slices, so that it never holds one of the
         # owner's per-stream request slots for long; an owner that is gone is looked up again
         # each slice (a replica adopts its tasks after owner_timeout_s, see replica.py)
@@ -362,7 +383,7 @@ class QueueService:
         while True:
             slice_s = max(0.0, min(WAIT_SLICE_S, deadline - trio.current_time()))
             try:
-                out = dict(await self._owner_call(owner, "q.result", {**params, "timeout_s": slice_s}, slice_s + 10))
+                out = dict(await self.owner_call(owner, "q.result", {**params, "timeout_s": slice_s}, slice_s + 10))
             except QueueError:
                 if isinstance(sys.exc_info()[1], OwnerError) or trio.current_time() + 0.5 >= deadline:
                     raise
@@ -376,7 +397,7 @@ class QueueService:
         tid = check_task_id(task_id)
         if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
             raise ArgumentError("reason", "must be a string of at most 1000 characters")
-        return dict(await self._owner_call(await self.locate(tid), "q.cancel",
+        return dict(await self.owner_call(await self.locate(tid), "q.cancel",
                                            {"task_id": tid, "reason": reason, "force": force}))
 
     async def set_priority(self, task_id: Any, priority: Any, boost: Any) -> dict[str, Any]:
@@ -387,7 +408,7 @@ class QueueService:
             check_number("priority", priority, -1e9, 1e9)
         if boost is not None:
             check_number("boost", boost, -1e9, 1e9)
-        return dict(await self._owner_call(await self.locate(tid), "q.priority",
+        return dict(await self.owner_call(await self.locate(tid), "q.priority",
                                            {"task_id": tid, "priority": priority, "boost": boost}))
 
     async def retry(self, task_id: Any, priority: Any, timeout_s: Any, retry_policy: Any) -> dict[str, Any]:
@@ -400,7 +421,7 @@ class QueueService:
             check_number("timeout_s", timeout_s, 0.001, 86400 * 7)
         if retry_policy is not None:
             RetryPolicy.parse(retry_policy)
-        return dict(await self._owner_call(await self.locate(tid), "q.retry",
+        return dict(await self.owner_call(await self.locate(tid), "q.retry",
                                            {"task_id": tid, "priority": priority, "timeout_s": timeout_s,
                                             "retry_policy": retry_policy}))
 
@@ -420,8 +441,8 @@ class QueueService:
         flt = {"status": status, "task_type": task_type, "tag": tag, "worker": worker,
                "min_priority": min_priority, "max_priority": max_priority}
         params = {"filter": flt, "limit": limit + offset, "offset": 0}
-        peers = self._peers() if scope == "mesh" else []
-        answers, failed = await self._gather("q.list", params, peers)
+        peers = self.peers() if scope == "mesh" else []
+        answers, failed = await self.gather("q.list", params, peers)
         rows = [t for a in answers.values() for t in a["tasks"]]
         rows.sort(key=lambda t: (-(t["created_at"] or 0.0), t["task_id"]))
         total = sum(int(a["total"]) for a in answers.values())
@@ -432,8 +453,8 @@ class QueueService:
     async def stats(self, scope: Any, include_worker_stats: bool) -> dict[str, Any]:
         if scope not in SCOPES:
             raise ArgumentError("scope", f"must be mesh or local, got {scope!r}")
-        peers = self._peers() if scope == "mesh" else []
-        answers, failed = await self._gather("q.stats", {}, peers)
+        peers = self.peers() if scope == "mesh" else []
+        answers, failed = await self.gather("q.stats", {}, peers)
         keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
                 "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
                 "replicas_held", "adopted", "adoptions_declined")
@@ -462,7 +483,7 @@ class QueueService:
             "unreachable": failed,
         })
         if include_worker_stats:
-            workers, _ = await self._gather("w.info", {}, peers)
+            workers, _ = await self.gather("w.info", {}, peers)
             out["workers"] = [self._with_reputation(w) for w in workers.values()]
         return out
 
@@ -524,10 +545,10 @@ class QueueService:
         self._check_opt_str("worker_id", worker_id)
         if worker_id in (self.worker.settings.worker_id, self.me):
             return self.unregister_local(drain)
-        infos, _ = await self._gather("w.info", {}, self._peers())
+        infos, _ = await self.gather("w.info", {}, self.peers())
         for pid, info in infos.items():
             if worker_id in (info.get("worker_id"), pid):
-                return dict(await self._owner_call(pid, "w.unregister", {"drain": drain}))
+                return dict(await self.owner_call(pid, "w.unregister", {"drain": drain}))
         raise ArgumentError("worker_id", f"no worker {worker_id!r} in the mesh")
 
     def worker_info(self, include_tasks: bool) -> dict[str, Any]:
@@ -561,7 +582,7 @@ class QueueService:
 
     async def worker_status(self, worker_id: Any, include_tasks: bool) -> dict[str, Any]:
         self._check_opt_str("worker_id", worker_id)
-        infos, failed = await self._gather("w.info", {"include_tasks": include_tasks})
+        infos, failed = await self.gather("w.info", {"include_tasks": include_tasks})
         workers = [self._with_reputation(i) for i in infos.values()]
         if worker_id is not None:
             workers = [w for w in workers if worker_id in (w.get("worker_id"), w.get("peer_id"))]
@@ -585,7 +606,7 @@ class QueueService:
                     by_owner.setdefault(o, []).append(d)
             for owner, ids in by_owner.items():
                 try:
-                    st = await self._call(owner, "q.statuses", {"ids": ids}, 5)
+                    st = await self.call(owner, "q.statuses", {"ids": ids}, 5)
                 except MCPPError:
                     continue
                 if not isinstance(st, dict):
@@ -605,6 +626,10 @@ class QueueService:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for fn, args in self._pending:
+                nursery.start_soon(fn, *args)
+            self._pending.clear()
             nursery.start_soon(self._checkpoint_loop)
             await nursery.start(self.worker.run)
             await nursery.start(self.broker.run)

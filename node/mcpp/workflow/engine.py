@@ -242,7 +242,7 @@ class WorkflowEngine:
             existing = self.store.get(a["workflow_id"])
             if existing is not None:
                 return self._submitted(existing, existed=True)
-        steps = parse_steps(a["steps"], self.q._type_known)
+        steps = parse_steps(a["steps"], self.q.type_known)
         self._seq += 1
         wf_id = a["workflow_id"] or f"{secrets.token_hex(8)}@{self.me}"
         wf = WorkflowRecord(
@@ -411,7 +411,7 @@ class WorkflowEngine:
             return workflow_id, owner
         if self.store.exists(workflow_id):
             return workflow_id, self.me
-        answers, _ = await self.q._gather("wf.where", {"ids": [workflow_id]}, self.q._peers())
+        answers, _ = await self.q.gather("wf.where", {"ids": [workflow_id]}, self.q.peers())
         for pid, ids in answers.items():
             if workflow_id in (ids or []):
                 return workflow_id, pid
@@ -419,7 +419,7 @@ class WorkflowEngine:
 
     async def _forward(self, owner: str, method: str, params: Any, timeout_s: float | None = None) -> dict[str, Any]:
         try:
-            return dict(await self.q._owner_call(owner, method, params, timeout_s))
+            return dict(await self.q.owner_call(owner, method, params, timeout_s))
         except QueueError as e:
             raise WorkflowError(str(e).replace("task_id:", "workflow_id:").replace("task's", "workflow's")) from None
 
@@ -450,7 +450,7 @@ class WorkflowEngine:
                     raise ArgumentError("template", f"failure_policy must be fail_fast or continue, got {failure_policy!r}")
         elif params:
             raise ArgumentError("params", "only used with template")
-        parse_steps(steps, self.q._type_known)  # validate here: nothing is sent or stored if this fails
+        parse_steps(steps, self.q.type_known)  # validate here: nothing is sent or stored if this fails
         a = {"name": name, "steps": steps, "workflow_id": workflow_id, "failure_policy": failure_policy,
              "priority": priority, "tags": tags, "metadata": metadata or {}}
         if workflow_id is not None:
@@ -491,12 +491,12 @@ class WorkflowEngine:
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ArgumentError("tag", "must be a non-empty string")
         if peer is not None:
-            if not isinstance(peer, str) or (peer != self.me and peer not in self.q._peers()):
+            if not isinstance(peer, str) or (peer != self.me and peer not in self.q.peers()):
                 raise ArgumentError("peer", f"{peer!r} is not this node or a connected peer")
             targets: list[str] | None = [] if peer == self.me else [peer]
         else:
             targets = None
-        answers, failed = await self.q._gather("wf.list", {"status": status, "tag": tag, "limit": limit + offset},
+        answers, failed = await self.q.gather("wf.list", {"status": status, "tag": tag, "limit": limit + offset},
                                                targets)
         if peer is not None and peer != self.me:
             answers.pop(self.me, None)
@@ -513,6 +513,6 @@ class WorkflowEngine:
         if (workflow_id is None) == (steps is None):
             raise ArgumentError("workflow_id", "give exactly one of workflow_id or steps")
         if steps is not None:
-            return self._deps(parse_steps(steps, self.q._type_known), None, fmt)
+            return self._deps(parse_steps(steps, self.q.type_known), None, fmt)
         wid, owner = await self._locate(workflow_id)
         return await self._forward(owner, "wf.deps", {"workflow_id": wid, "format": fmt})
