@@ -184,3 +184,16 @@ def test_the_checks_see_a_cycle_and_a_layer_violation() -> None:
     assert "mcpp.node" in graph["mcpp.runner"] and "mcpp.mcp.server" in graph["mcpp.runner"]
     # cli.py imports every verb inside its functions
     assert "mcpp.evidence.bench" in graph["mcpp.cli"]
+
+
+def test_the_cli_loads_a_layer_only_when_its_verb_runs() -> None:
+    """`mcpp healthcheck` runs every 5 s in each container: building the parser must not import
+    the mcp SDK, libp2p or the node (a regression made it take 1.7 s of CPU instead of 0.3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import mcpp.cli; mcpp.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'libp2p') "
+            "or m.startswith(('mcpp.node', 'mcpp.net', 'mcpp.queue'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -478,7 +478,7 @@ def test_malformed_requests_from_a_peer_are_refused_and_the_node_keeps_working(q
     matches no lease: each is refused or ignored, and the target keeps dispatching."""
     from mcpp.config import NodeConfig
     from mcpp.errors import RemoteError
-    from mcpp.node import open_node
+    from mcpp.runner import open_services
 
     register(qc, {})
     target = qc.nodes[1]
@@ -491,7 +491,8 @@ def test_malformed_requests_from_a_peer_are_refused_and_the_node_keeps_working(q
         cfg = NodeConfig(role="worker", bootstrap=(qc.nodes[0].multiaddrs[0],), data_dir=str(tmp),
                          capabilities=("none",), log_level="warning", swarm_key=qc.swarm_key)
         errors = []
-        async with open_node(cfg) as node:
+        async with open_services(cfg) as app:
+            node = app.node
             with trio.fail_after(20):
                 while node.table.get(target.peer_id) is None or not node.table.get(target.peer_id).connected:  # type: ignore[union-attr]
                     await trio.sleep(0.05)

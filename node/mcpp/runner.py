@@ -28,6 +28,7 @@ from mcpp.workflow import WorkflowEngine
 __all__ = ["Services", "open_services", "run_node"]
 
 log = logging.getLogger("mcpp.runner")
+node_log = logging.getLogger("mcpp.node")  # "node started" keeps the logger it always had
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ async def open_services(config: NodeConfig) -> AsyncIterator[Services]:
                 await nursery.start(node.run)
                 await nursery.start(queue.run)
                 await nursery.start(workflows.run)
-                log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
+                node_log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
                 try:
                     yield Services(node, queue, workflows)
                 finally:

@@ -34,9 +34,9 @@ from rich.table import Table
 from mcpp.net import identity
 from mcpp.config import NodeConfig
 from mcpp.harness import ProcessCluster, free_ports
-from mcpp.node import open_node
 from mcpp.net.peers import percentile
 from mcpp.net.rpc import encode_frame
+from mcpp.runner import open_services
 
 __all__ = ["run"]
 
@@ -147,7 +147,8 @@ def _lat(samples_ns: list[int]) -> dict[str, float]:
 async def _rpc_against(boot_addr: str, boot_id: str, tmp: Path, calls: int, method: str, swarm_key: str) -> dict[str, Any]:
     cfg = NodeConfig(role="worker", bootstrap=(boot_addr,), data_dir=str(tmp / "rpc-client"),
                      log_level="warning", ping_interval_s=30, discovery_interval_s=30, swarm_key=swarm_key)
-    async with open_node(cfg) as node:
+    async with open_services(cfg) as app:
+        node = app.node
         with trio.fail_after(20):
             while (rec := node.table.get(boot_id)) is None or not rec.connected:
                 await trio.sleep(0.01)

@@ -14,7 +14,6 @@ from typing import Any
 import trio
 
 from mcpp.errors import ArgumentError
-from mcpp.mcp.client import cli_endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -111,6 +110,8 @@ async def _run(url: str, token: str | None, calls: list[tuple[str, dict[str, Any
 
 def run(args: argparse.Namespace) -> int:
     from mcpp.mcp.client import ToolCallError, structured
+
+    from mcpp.mcp.client import cli_endpoint  # the mcp SDK loads only when a verb runs
 
     url, token = cli_endpoint(args.url)
     try:

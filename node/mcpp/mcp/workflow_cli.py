@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mcpp.errors import ArgumentError
-from mcpp.mcp.client import cli_endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -109,6 +108,8 @@ async def _run(url: str, token: str | None, args: argparse.Namespace) -> tuple[d
 
 
 def run(args: argparse.Namespace) -> int:
+    from mcpp.mcp.client import cli_endpoint  # the mcp SDK loads only when a verb runs
+
     url, token = cli_endpoint(args.url)
     try:
         out, code = trio.run(_run, url, token, args)

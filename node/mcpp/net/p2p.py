@@ -97,7 +97,7 @@ def make_host(
         key_pair=key_pair,
         sec_opt=sec_opt,
         muxer_opt=muxer_opt,
-        # membership is mcpp's job (node.py): libp2p's auto-connector would re-dial dead peers
+        # membership is mcpp's job (node/connections.py): libp2p's auto-connector would re-dial dead peers
         connection_config=ConnectionConfig(
             max_connections_per_peer=1, dial_timeout=5.0, min_connections=0, low_watermark=0
         ),

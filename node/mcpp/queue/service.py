@@ -115,7 +115,7 @@ class QueueService:
             self._nursery.start_soon(fn, *args)
 
     def serve(self, method: str, handler: RpcHandler) -> None:
-        """Serve an RPC method (also when this node calls itself through `_call`)."""
+        """Serve an RPC method (also when this node calls itself through `call`)."""
         self._local[method] = handler
         self.node.rpc.register(method, handler)
 
