@@ -301,7 +301,7 @@ def test_result_cache(qc: ProcessCluster) -> None:
 def test_dependencies_across_owners(qc: ProcessCluster) -> None:
     register(qc, {})
     a, b = qc.nodes[0].mcp_url, qc.nodes[2].mcp_url
-    dep = call(a, "task_submit", {"task_type": "sleep", "payload": {"seconds": 0.5}})
+    dep = call(a, "task_submit", {"task_type": "sleep", "payload": {"seconds": 2}})  # still running when the child arrives, even on a busy machine
     child = call(b, "task_submit", {"task_type": "echo", "payload": "after", "depends_on": [dep["task_id"]]})
     assert child["status"] == "blocked"
     r = wait_final(b, [child["task_id"]], 20)[0]
