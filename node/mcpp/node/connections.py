@@ -38,6 +38,7 @@ DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most 
 DEMAND_DIAL_TIMEOUT_S = 5.0
 MAX_PINGS_PER_S = 10.0
 WATCH_S = 0.25
+FAREWELL_S = 10.0
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Connections(NodeCore):
         self._blocked: dict[str, float] = {}
         self._demand_failed: dict[str, float] = {}
         self._first_seen: dict[str, float] = {}
+        self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
         self.rpc.register("hello", self._on_hello)
         self.rpc.register("goodbye", self._on_goodbye)
 
@@ -70,6 +72,7 @@ class Connections(NodeCore):
 
     async def _on_goodbye(self, peer_id: str, params: Any) -> Any:
         self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
+        self._farewell[peer_id] = time.monotonic()
         rec = self.table.get(peer_id)
         if rec is not None:
             rec.persistent = False
@@ -121,9 +124,12 @@ class Connections(NodeCore):
         self.rpc.forget(peer_id)
         self.dht.remove_peer(peer_id)
         self._first_seen.pop(peer_id, None)
+        # the connection closes after a goodbye (either way): not a failure to look into
+        said_goodbye = time.monotonic() - self._farewell.pop(peer_id, -1e9) < FAREWELL_S
+        for hook in self.peer_left_hooks:
+            hook(peer_id, gone and not said_goodbye)
         if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
             self._gone[peer_id] = time.monotonic()
-            said_goodbye = self._blocked.get(peer_id, 0.0) > time.monotonic()
             if rec is not None and rec.multiaddrs and self._nursery is not None and not said_goodbye:
                 # a connection can also close under a live peer (e.g. a duplicate connection
                 # dropped during formation): dial back once; only if that fails is it gone
@@ -259,6 +265,8 @@ class Connections(NodeCore):
         rec = self.table.get(peer_id)
         if rec is not None and rec.connected:
             return
+        if len(self.table.connected()) + len(self._dialing) >= self.config.degree:
+            return  # the overlay is full: members are learned by gossip, not by connecting
         # Tie-break: of two peers that find each other, the smaller id dials; the other waits
         # DIAL_GRACE_S for it. Simultaneous dials make libp2p drop one of the two connections.
         first = self._first_seen.setdefault(peer_id, time.monotonic())

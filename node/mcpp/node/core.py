@@ -57,6 +57,10 @@ class NodeCore:
         self.info_extra: dict[str, Callable[[], Any]] = {}
         self.capability_sources: list[Callable[[], Iterable[str]]] = []
         self.peer_joined_hooks: list[Callable[[str], None]] = []
+        # (peer id, unexpected): called when a connection ends; unexpected = not a goodbye
+        self.peer_left_hooks: list[Callable[[str, bool], None]] = []
+        # what members learn of this node by gossip (stable settings only: a change is news)
+        self.member_extra: dict[str, Callable[[], Any]] = {}
         self.joined = trio.Event()
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()

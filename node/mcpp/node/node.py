@@ -32,7 +32,7 @@ from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
 from mcpp.net import identity
 from mcpp.net.dht import MESH_KEY, capability_key, open_dht
-from mcpp.net.p2p import ID, make_host, parse_peer_id, parse_peer_multiaddr, peer_multiaddrs
+from mcpp.net.p2p import ID, make_host, parse_peer_id, parse_peer_multiaddr, peer_multiaddrs, quiet_connection_manager
 from mcpp.net.peers import PeerRecord, percentile, quality
 from mcpp.node.connections import REDIAL_BLOCK_S
 from mcpp.node.core import parse_bootstrap
@@ -66,6 +66,7 @@ class Node(Discovery):
             nursery.start_soon(self._ping_loop)
             nursery.start_soon(self._discovery_loop)
             nursery.start_soon(self._sample_traffic)
+            nursery.start_soon(self._gossip_loop)
             task_status.started()
 
     # ---- operations (the peer tools) ---------------------------------------------------
@@ -196,6 +197,7 @@ class Node(Discovery):
         with contextlib.suppress(MCPPError):
             await self.rpc.call(pid, "goodbye", {"reason": reason}, timeout_s=1)
         self._blocked[pid] = time.monotonic() + REDIAL_BLOCK_S
+        self._farewell[pid] = time.monotonic()
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(pid))
@@ -389,10 +391,12 @@ async def build_node(config: NodeConfig) -> AsyncIterator[Node]:
     # without --identity the key lives with the data: a restarted node is the same peer, and
     # still owns the tasks and workflows its database holds
     kp = identity.load_or_generate(config.identity or os.path.join(config.data_dir, IDENTITY_FILE))
-    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key)
+    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key,
+                     max_connections=config.max_connections)
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):
+            await quiet_connection_manager(host)
             async with open_dht(host) as dht:
                 yield Node(config, host, dht, metrics)
     finally:
@@ -412,4 +416,5 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         try:
             yield node
         finally:
+            await node.leave()
             nursery.cancel_scope.cancel()

@@ -96,6 +96,7 @@ class QueueService:
         for method, handler in self._local.items():
             node.rpc.register(method, handler)
         node.info_extra["worker"] = self.worker.info
+        node.member_extra["worker"] = lambda: self.worker.settings.as_dict()  # gossiped to every member
         node.capability_sources.append(lambda: self.worker.settings.task_types if self.worker.settings.active else ())
         node.peer_joined_hooks.append(lambda pid: self.broker.kick())
         from mcpp.queue.replica import Replicator
