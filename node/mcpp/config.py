@@ -78,8 +78,9 @@ class NodeConfig:
     allow_peers: tuple[str, ...] = ()  # if set, only these peer ids may connect (besides this node)
     max_inflight_per_peer: int = 64  # RPC requests one peer may have running on this node at once
     # the overlay (issue 16): neighbours kept open whatever the mesh's size; members by gossip
-    degree: int = 8  # neighbours a node dials up to
-    degree_high: int = 12  # above this, connections are closed down to `degree` (idle ones first above `degree`)
+    degree_low: int = 6  # below this many neighbours a node dials members, up to `degree`
+    degree: int = 8  # the overlay's target degree
+    degree_high: int = 12  # above this, idle links are closed down to `degree`
     max_connections: int = 64  # hard cap of libp2p connections (neighbours + on-demand + DHT lookups)
 
     @property
@@ -128,6 +129,7 @@ SETTINGS: dict[str, str] = {
     "swarm_key_file": "opt_str",
     "allow_peers": "list",
     "max_inflight_per_peer": "pos_int",
+    "degree_low": "pos_int",
     "degree": "pos_int",
     "degree_high": "pos_int",
     "max_connections": "pos_int",
@@ -274,9 +276,12 @@ def load_config(
 
 def _check_degree(merged: dict[str, Any]) -> None:
     d = NodeConfig()
+    low = merged.get("degree_low", d.degree_low)
     degree = merged.get("degree", d.degree)
     high = merged.get("degree_high", d.degree_high)
     cap = merged.get("max_connections", d.max_connections)
+    if low > degree:
+        raise ConfigError("degree_low", low, f"must be <= degree ({degree})")
     if high < degree:
         raise ConfigError("degree_high", high, f"must be >= degree ({degree})")
     if cap < high:

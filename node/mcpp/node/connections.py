@@ -62,8 +62,9 @@ class Connections(NodeCore):
         self._demand_failed: dict[str, float] = {}
         self._first_seen: dict[str, float] = {}
         self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
-        self.rpc.register("hello", self._on_hello)
-        self.rpc.register("goodbye", self._on_goodbye)
+        self._on_demand: set[str] = set()  # links this node opened for a call, not for the overlay
+        self.rpc.register("hello", self._on_hello, background=True)
+        self.rpc.register("goodbye", self._on_goodbye, background=True)
 
     async def _on_hello(self, peer_id: str, params: Any) -> Any:
         if isinstance(params, dict):
@@ -126,6 +127,7 @@ class Connections(NodeCore):
         self._first_seen.pop(peer_id, None)
         # the connection closes after a goodbye (either way): not a failure to look into
         said_goodbye = time.monotonic() - self._farewell.pop(peer_id, -1e9) < FAREWELL_S
+        self._on_demand.discard(peer_id)
         for hook in self.peer_left_hooks:
             hook(peer_id, gone and not said_goodbye)
         if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
@@ -225,7 +227,8 @@ class Connections(NodeCore):
         if failed is not None and time.monotonic() - failed < DEMAND_REDIAL_S:
             raise PeerUnreachable(peer_id, f"not connected; a dial {time.monotonic() - failed:.1f} s ago failed")
         rec = self.table.get(peer_id)
-        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid)]))
+        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid),
+                                    *self._addrs_hint(peer_id)]))
         if not addrs:
             raise PeerUnreachable(peer_id, "not connected and no address known")
         try:
@@ -234,6 +237,11 @@ class Connections(NodeCore):
             self._demand_failed[peer_id] = time.monotonic()
             raise
         self._demand_failed.pop(peer_id, None)
+        self._on_demand.add(peer_id)
+
+    def _addrs_hint(self, peer_id: str) -> list[str]:
+        """Addresses known for a peer beyond the table and the peerstore (members: see gossip.py)."""
+        return []
 
     def _unblock(self, pid: ID) -> None:
         """Our own backoff decides when to retry: lift libp2p's 60 s negative cache."""

@@ -49,7 +49,7 @@ class NodeCore:
         )
         # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
         # a truer RTT; echo is the same work through the normal task-per-request path
-        self.rpc.register("ping", self._on_ping, inline=True)
+        self.rpc.register("ping", self._on_ping, inline=True, background=True)
         self.rpc.register("echo", self._on_echo)
         self.mcp_url: str | None = None
         # services built on the node (the queue) add to what hello says and to what is provided,

@@ -40,8 +40,8 @@ log = logging.getLogger("mcpp.node")
 
 OVERLAY_S = 1.0
 SELF_REFRESH_S = 0.5
-IDLE_BYTES = 4096  # a neighbour that moved fewer bytes than this in the traffic window is idle
-PRUNE_GRACE_S = 10.0  # a new connection is never closed for the degree before this age
+IDLE_S = 10.0  # a link that carried no work (calls other than pings and gossip) this long is idle
+PRUNE_GRACE_S = 10.0  # below degree_high, a new link is not closed for the degree before this age
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
 MAX_PRUNES_PER_TICK = 2
@@ -58,9 +58,9 @@ class Gossip(Connections):
         self._rng = random.Random()
         self._probing: set[str] = set()
         self._last_reconnect = time.monotonic()
-        self.rpc.register("m.push", self._on_push)
-        self.rpc.register("m.sync", self._on_sync)
-        self.rpc.register("m.probe", self._on_probe)
+        self.rpc.register("m.push", self._on_push, background=True)
+        self.rpc.register("m.sync", self._on_sync, background=True)
+        self.rpc.register("m.probe", self._on_probe, background=True)
         self.peer_joined_hooks.append(self._neighbour_joined)
         self.peer_left_hooks.append(self._neighbour_left)
 
@@ -75,6 +75,10 @@ class Gossip(Connections):
     def status(self) -> dict[str, Any]:
         suspect = sorted(m.peer_id for m in self.view.live() if m.state == "suspect")
         return {**super().status(), "members": self.members(), "suspect": suspect, "degree": self.config.degree}
+
+    def _addrs_hint(self, peer_id: str) -> list[str]:
+        m = self.view.get(peer_id)
+        return list(m.addrs) if m is not None else []
 
     def _self_info(self) -> dict[str, Any]:
         worker = self.member_extra["worker"]() if "worker" in self.member_extra else None
@@ -159,13 +163,19 @@ class Gossip(Connections):
 
     # ---- the overlay -------------------------------------------------------------------
     def _overlay_tick(self) -> None:
+        """GossipSub's hysteresis: below `degree_low` dial members up to `degree`; above
+        `degree_high` close idle links down to `degree`; on-demand links this node opened close
+        when idle and the node has `degree` others."""
         neighbours = self.neighbours()
         cfg = self.config
-        if len(neighbours) < cfg.degree:
-            connected = set(neighbours) | set(self._dialing)
-            candidates = [m for m in self.view.live() if m.state == "alive" and m.peer_id not in connected
-                          and m.addrs and not self._in_backoff(m.peer_id) and self.peer_allowed(m.peer_id)]
-            for m in self._rng.sample(candidates, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(candidates))):
+        if len(neighbours) < cfg.degree_low:
+            busy = set(neighbours) | set(self._dialing)
+            candidates = [m for m in self.view.live() if m.state == "alive" and m.peer_id not in busy
+                          and m.addrs and self.peer_allowed(m.peer_id)]
+            fresh = [m for m in candidates if not self._in_backoff(m.peer_id)]
+            pool = fresh if len(fresh) >= cfg.degree - len(neighbours) else candidates
+            for m in self._rng.sample(pool, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(pool))):
+                self._blocked.pop(m.peer_id, None)
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "overlay")
         elif len(neighbours) > cfg.degree:
             self._prune(neighbours)
@@ -180,29 +190,27 @@ class Gossip(Connections):
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "reconnect")
 
     def _prune(self, neighbours: list[str]) -> None:
-        """Close connections above `degree`: idle ones first; above `degree_high` any of the oldest."""
+        """Close idle links, oldest first: above `degree_high` down to `degree`, and between
+        `degree` and `degree_high` the on-demand links this node opened. Links that carry work
+        (task dispatch, forwarded calls) are never closed for the degree."""
         cfg = self.config
-        wall = time.time()
-        old = [p for p in neighbours
-               if (rec := self.table.get(p)) is not None and rec.connected_since is not None
-               and wall - rec.connected_since > PRUNE_GRACE_S and not rec.persistent]
-        idle = [p for p in old if self._recent_bytes(p) < IDLE_BYTES]
-        # a few at a time: the other end may be closing links too (the overlay refills by dialing)
-        victims = idle[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
-        excess = len(neighbours) - len(victims) - cfg.degree_high
-        if excess > 0:
-            rest = sorted((p for p in old if p not in victims), key=self._recent_bytes)
-            victims += rest[:excess]
-        log.debug("degree check", extra=kv(neighbours=len(neighbours), old=len(old), idle=len(idle), victims=len(victims)))
+        wall, mono = time.time(), time.monotonic()
+        idle = []
+        for p in neighbours:
+            rec = self.table.get(p)
+            if rec is None or rec.persistent or mono - self.rpc.traffic_of(p).last_work < IDLE_S:
+                continue
+            idle.append((rec.connected_since or wall, p))
+        idle.sort()
+        if len(neighbours) > cfg.degree_high:
+            victims = [p for _, p in idle][: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
+        else:
+            victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
+            victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
         for p in victims:
             self._blocked[p] = time.monotonic() + 30.0  # do not dial it back at once
+            self._on_demand.discard(p)
             self._spawn(self._close_for_degree, p)
-
-    def _recent_bytes(self, peer_id: str) -> int:
-        s = self.rpc.traffic_of(peer_id).samples
-        if len(s) < 2:
-            return 1 << 30  # not measured yet: not idle
-        return (s[-1][1] - s[0][1]) + (s[-1][2] - s[0][2])
 
     async def _close_for_degree(self, peer_id: str) -> None:
         self._farewell[peer_id] = time.monotonic()
@@ -221,11 +229,12 @@ class Gossip(Connections):
         last_overlay = 0.0
         while True:
             now = time.monotonic()
-            if now - last_self >= SELF_REFRESH_S:
+            if now - last_self >= SELF_REFRESH_S:  # also the pace of the O(N) chores
                 last_self = now
                 self.view.update_self(**self._self_info())
-            for pid in self.view.tick(now):
-                log.info("member dead", extra=kv(peer=pid))
+                for pid in self.view.tick(now):
+                    log.info("member dead", extra=kv(peer=pid))
+                self._update_member_gauges()
             neighbours = self.neighbours()
             for pid, updates in self.view.take_outbox(neighbours).items():
                 self._spawn(self._push, pid, updates)
@@ -235,7 +244,6 @@ class Gossip(Connections):
             if now - last_overlay >= OVERLAY_S:
                 last_overlay = now
                 self._overlay_tick()
-            self._update_member_gauges()
             await trio.sleep(GOSSIP_S)
 
     def _update_member_gauges(self) -> None:

@@ -261,8 +261,8 @@ class MemberView:
 
     def take_outbox(self, neighbours: list[str]) -> dict[str, list[dict[str, Any]]]:
         """The batched pushes to send now: neighbour -> updates (never back to where one came from)."""
-        if not self._outbox:
-            return {}
+        if not self._outbox or not neighbours:
+            return {}  # (kept until there is someone to tell)
         items = list(self._outbox.values())
         self._outbox.clear()
         out: dict[str, list[dict[str, Any]]] = {}

@@ -42,7 +42,7 @@ __all__ = ["Node", "build_node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
 
 log = logging.getLogger("mcpp.node")
 
-PEER_STATUSES = ("connected", "known", "all")
+PEER_STATUSES = ("connected", "known", "all", "members")
 SORT_KEYS = ("latency", "last_seen", "peer_id", "reputation")
 IDENTITY_FILE = "identity.key"  # in data_dir, when no identity is configured
 MAX_BOOTSTRAP_PEERS = 100
@@ -213,28 +213,45 @@ class Node(Discovery):
             raise ArgumentError("sort_by", f"must be one of {', '.join(SORT_KEYS)}, got {sort_by!r}")
         _check_range("limit", limit, 1, 1000)
         _check_range("offset", offset, 0, 10**9)
-        recs = self.table.all()
-        if status == "connected":
-            recs = [r for r in recs if r.connected]
-        elif status == "known":
-            recs = [r for r in recs if not r.connected]
-        if capability is not None:
-            recs = [r for r in recs if capability in r.capabilities]
-        if sort_by == "latency":
-            recs.sort(key=lambda r: (r.latest_rtt() is None, r.latest_rtt() or 0.0, r.peer_id))
-        elif sort_by == "last_seen":
-            recs.sort(key=lambda r: (-(r.last_seen or 0.0), r.peer_id))
-        elif sort_by == "reputation":
-            recs.sort(key=lambda r: (-r.reputation, r.peer_id))
+        if status == "members":
+            entries = self._member_entries()
         else:
-            recs.sort(key=lambda r: r.peer_id)
-        page = recs[offset : offset + limit]
+            recs = self.table.all()
+            if status == "connected":
+                recs = [r for r in recs if r.connected]
+            elif status == "known":
+                recs = [r for r in recs if not r.connected]
+            entries = [r.summary() for r in recs]
+        if capability is not None:
+            entries = [e for e in entries if capability in e["capabilities"]]
+        if sort_by == "latency":
+            entries.sort(key=lambda e: (e["latency_ms"] is None, e["latency_ms"] or 0.0, e["peer_id"]))
+        elif sort_by == "last_seen":
+            entries.sort(key=lambda e: (-(e["last_seen"] or 0.0), e["peer_id"]))
+        elif sort_by == "reputation":
+            entries.sort(key=lambda e: (-e["reputation"], e["peer_id"]))
+        else:
+            entries.sort(key=lambda e: e["peer_id"])
+        page = entries[offset : offset + limit]
         return {
-            "peers": [r.summary() for r in page],
+            "peers": page,
             "count": len(page),
-            "total": len(recs),
-            "has_more": offset + len(page) < len(recs),
+            "total": len(entries),
+            "has_more": offset + len(page) < len(entries),
         }
+
+    def _member_entries(self) -> list[dict[str, Any]]:
+        """Every live member (alive or suspect) as gossip knows it, with what the table adds for
+        neighbours (latency, reputation): the same fields as the other statuses, plus state and
+        incarnation."""
+        out = []
+        for m in self.view.live():
+            rec = self.table.get(m.peer_id)
+            base = rec.summary() if rec is not None else {
+                "peer_id": m.peer_id, "role": m.role, "multiaddrs": list(m.addrs), "connected": False,
+                "latency_ms": None, "last_seen": None, "capabilities": list(m.capabilities), "reputation": 0.5}
+            out.append({**base, "capabilities": list(m.capabilities), "state": m.state, "incarnation": m.incarnation})
+        return out
 
     def peer_metrics(self, peer_id: str | None, include_history: bool) -> dict[str, Any]:
         if peer_id is None:
