@@ -39,6 +39,7 @@ DEMAND_DIAL_TIMEOUT_S = 5.0
 MAX_PINGS_PER_S = 10.0
 WATCH_S = 0.25
 FAREWELL_S = 10.0
+MAX_HELLO_FAILURES = 2  # hellos in a row without an answer on one connection: it is closed
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Connections(NodeCore):
         self._first_seen: dict[str, float] = {}
         self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
         self._on_demand: set[str] = set()  # links this node opened for a call, not for the overlay
+        self._hello_failures: dict[str, int] = {}
         self.rpc.register("hello", self._on_hello, background=True)
         self.rpc.register("goodbye", self._on_goodbye, background=True)
 
@@ -183,11 +185,27 @@ class Connections(NodeCore):
             info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
             if isinstance(info, dict):
                 await self._apply_hello(peer_id, info, source)
+            self._hello_failures.pop(peer_id, None)
         except MCPPError as e:
             log.debug("hello failed", extra=kv(peer=peer_id, error=str(e)))
+            rec = self.table.get(peer_id)
+            if rec is not None and rec.hello_done:
+                return  # the other direction's hello worked meanwhile: a slow link, not a broken one
+            n = self._hello_failures[peer_id] = self._hello_failures.get(peer_id, 0) + 1
+            if n >= MAX_HELLO_FAILURES:
+                # a connection that carries no hello is broken (seen under load: a yamux session
+                # that stalls): close it, so that the next dial starts afresh
+                self._hello_failures.pop(peer_id, None)
+                log.info("closing a connection that does not answer hello", extra=kv(peer=peer_id))
+                self._spawn(self._drop_connection, peer_id)
         finally:
             del self._hello_inflight[peer_id]
             done.set()
+
+    async def _drop_connection(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            with trio.move_on_after(2):
+                await self.host.disconnect(ID.from_base58(peer_id))
 
     async def dial(self, peer_id: str, addrs: list[str], source: str, timeout_s: float = 5.0) -> None:
         """Connect and say hello, all within timeout_s. Raises PeerUnreachable."""

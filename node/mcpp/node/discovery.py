@@ -71,7 +71,8 @@ class Discovery(Gossip):
         """A record provided at join reaches only the few peers known then (the K closest *found*):
         provide again EARLY_REPROVIDE_S later, when the routing table holds the mesh, then every
         REPROVIDE_S."""
-        if self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S:
+        if (self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S
+                and not self.view.live()):  # (members known: gossip has the mesh, the DHT is not needed)
             return EARLY_REPROVIDE_S
         return REPROVIDE_S
 
@@ -108,8 +109,11 @@ class Discovery(Gossip):
             # dialed while this node knows no member, or while the bootstrap is not a live member
             rec = self.table.get(pid)
             member = self.view.get(pid)
-            if pid == self.peer_id or (rec is not None and rec.connected) or self._in_backoff(pid):
+            if pid == self.peer_id or (rec is not None and rec.connected) or pid in self._dialing:
                 continue
+            backoff = self._backoff.get(pid)
+            if backoff is not None and time.monotonic() < backoff.until:
+                continue  # (a goodbye's redial block does not apply: a lonely node needs the way in)
             if lonely or member is None or not member.live:
                 self._spawn(self._background_dial, pid, [addr], "bootstrap")
         if not self.table.connected():

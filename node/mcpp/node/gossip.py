@@ -74,7 +74,8 @@ class Gossip(Connections):
 
     def status(self) -> dict[str, Any]:
         suspect = sorted(m.peer_id for m in self.view.live() if m.state == "suspect")
-        return {**super().status(), "members": self.members(), "suspect": suspect, "degree": self.config.degree}
+        return {**super().status(), "members": self.members(), "suspect": suspect, "degree": self.config.degree,
+                "degree_low": self.config.degree_low}
 
     def _addrs_hint(self, peer_id: str) -> list[str]:
         m = self.view.get(peer_id)
@@ -202,8 +203,8 @@ class Gossip(Connections):
                 continue
             idle.append((rec.connected_since or wall, p))
         idle.sort()
-        if len(neighbours) > cfg.degree_high:
-            victims = [p for _, p in idle][: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
+        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
+            victims = [p for _, p in idle][: len(neighbours) - cfg.degree]
         else:
             victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
             victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]

@@ -52,7 +52,7 @@ SUSPECT_MIN_S = 2.0
 DEAD_KEEP_S = 600.0
 RECONNECT_S = 10.0
 INDIRECT_PROBES = 3
-PROBE_TIMEOUT_S = 1.0
+PROBE_TIMEOUT_S = 2.0  # a dead process refuses at once; this bounds a slow (loaded) one
 MAX_UPDATES_PER_PUSH = 512
 MAX_MEMBERS = 100_000
 
