@@ -63,7 +63,6 @@ async def open_services(config: NodeConfig) -> AsyncIterator[Services]:
                 try:
                     yield Services(node, queue, workflows)
                 finally:
-                    await node.leave()  # members hear of a clean stop at once
                     nursery.cancel_scope.cancel()
         finally:
             queue.close()
