@@ -89,3 +89,14 @@ def test_secrets_from_env_and_files_never_in_repr(tmp_path) -> None:  # type: ig
 def test_bad_secrets_name_the_setting(env: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config({}, env)
+
+
+def test_the_overlay_bounds_are_checked_and_name_the_setting() -> None:
+    c = load_config({"degree_low": 2, "degree": 3, "degree_high": 4}, {})
+    assert (c.degree_low, c.degree, c.degree_high, c.max_connections) == (2, 3, 4, 64)
+    for flags, name in (({"degree_low": 9}, "degree_low"), ({"degree_high": 5}, "degree_high"),
+                        ({"max_connections": 10}, "max_connections"), ({"degree": 0}, "degree")):
+        with pytest.raises(ConfigError) as e:
+            load_config(flags, {})
+        assert name in str(e.value)
+    assert load_config({}, {"MCPP_DEGREE": "10", "MCPP_DEGREE_HIGH": "16"}).degree == 10

@@ -36,7 +36,8 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert data["startup"]["startup_s_median"] > 0 and data["idle"]["idle_rss_mb_mean"] > 0
-    assert [f["nodes"] for f in data["formation"]] == [5, 10]
+    assert [f["nodes"] for f in data["formation"]] == [5, 20]
+    assert all(f["links_per_node_max"] <= 12 and "idle_cpu_percent_mean" in f for f in data["formation"])
     assert all(f.get("formed_in_s", 0) > 0 for f in data["formation"]), data["formation"]
     rpc = data["rpc"]["mcpp rpc echo (task per request), node to node process"]
     floor = data["rpc"]["trio TCP echo, same framing (floor)"]

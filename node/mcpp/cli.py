@@ -51,6 +51,11 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-timeout-s", metavar="S", type=float, help="default timeout of an RPC call to a peer (10)")
     p.add_argument("--max-inflight-per-peer", metavar="N", type=int,
                    help="RPC requests one peer may have running here at once (64)")
+    p.add_argument("--degree-low", metavar="N", type=int, help="below this many neighbours, dial members (6)")
+    p.add_argument("--degree", metavar="N", type=int, help="neighbours kept open whatever the mesh's size (8)")
+    p.add_argument("--degree-high", metavar="N", type=int, help="above this many, close idle links down to --degree (12)")
+    p.add_argument("--max-connections", metavar="N", type=int,
+                   help="hard cap of libp2p connections: neighbours, on-demand and DHT lookups (64)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same names as the flags)")
 
 
@@ -59,6 +64,7 @@ _NODE_KEYS = (
     "allowed_hosts", "data_dir", "capabilities", "log_level", "max_concurrent", "lease_s", "max_payload_bytes",
     "max_queued_tasks", "quotas", "handlers", "token_file", "protect_metrics", "swarm_key_file", "allow_peers",
     "max_inflight_per_peer", "max_message_bytes", "rpc_timeout_s", "replicas", "owner_timeout_s", "replication",
+    "degree_low", "degree", "degree_high", "max_connections",
 )
 
 

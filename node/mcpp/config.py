@@ -77,6 +77,11 @@ class NodeConfig:
     swarm_key_file: str | None = None  # go-ipfs swarm.key format, or the 64 hex chars alone
     allow_peers: tuple[str, ...] = ()  # if set, only these peer ids may connect (besides this node)
     max_inflight_per_peer: int = 64  # RPC requests one peer may have running on this node at once
+    # the overlay (issue 16): neighbours kept open whatever the mesh's size; members by gossip
+    degree_low: int = 6  # below this many neighbours a node dials members, up to `degree`
+    degree: int = 8  # the overlay's target degree
+    degree_high: int = 12  # above this, idle links are closed down to `degree`
+    max_connections: int = 64  # hard cap of libp2p connections (neighbours + on-demand + DHT lookups)
 
     @property
     def listen_addr(self) -> str:
@@ -124,6 +129,10 @@ SETTINGS: dict[str, str] = {
     "swarm_key_file": "opt_str",
     "allow_peers": "list",
     "max_inflight_per_peer": "pos_int",
+    "degree_low": "pos_int",
+    "degree": "pos_int",
+    "degree_high": "pos_int",
+    "max_connections": "pos_int",
 }
 
 
@@ -259,9 +268,24 @@ def load_config(
         merged["swarm_key"] = _read_secret("swarm_key_file", merged["swarm_key_file"])
     if merged.get("swarm_key"):
         merged["swarm_key"] = parse_swarm_key(merged["swarm_key"], "swarm_key")
+    _check_degree(merged)
     if merged.get("token") and len(merged["token"]) < 16:
         raise ConfigError("token", "***", "too short: use at least 16 characters (mcpp token prints a good one)")
     return NodeConfig(**merged)
+
+
+def _check_degree(merged: dict[str, Any]) -> None:
+    d = NodeConfig()
+    low = merged.get("degree_low", d.degree_low)
+    degree = merged.get("degree", d.degree)
+    high = merged.get("degree_high", d.degree_high)
+    cap = merged.get("max_connections", d.max_connections)
+    if low > degree:
+        raise ConfigError("degree_low", low, f"must be <= degree ({degree})")
+    if high < degree:
+        raise ConfigError("degree_high", high, f"must be >= degree ({degree})")
+    if cap < high:
+        raise ConfigError("max_connections", cap, f"must be >= degree_high ({high})")
 
 
 def _read_secret(name: str, path: str) -> str:

@@ -30,6 +30,11 @@ class NodeMetrics:
         self.auth_failures = Counter(
             "mcpp_auth_failures", "HTTP requests refused for a missing or wrong bearer token", ["path"], registry=r
         )
+        self.members = Gauge("mcpp_members", "Members of the mesh this node knows, by state", ["state"], registry=r)
+        self.gossip_messages = Counter(
+            "mcpp_gossip_messages", "Membership messages (push, sync) sent and received, and closes for the degree",
+            ["kind"], registry=r,
+        )
         self.peers_refused = Counter(
             "mcpp_peers_refused", "Connections or streams refused: peer not in allow_peers", registry=r
         )

@@ -63,6 +63,7 @@ async def open_services(config: NodeConfig) -> AsyncIterator[Services]:
                 try:
                     yield Services(node, queue, workflows)
                 finally:
+                    await node.leave()  # members hear of a clean stop at once
                     nursery.cancel_scope.cancel()
         finally:
             queue.close()

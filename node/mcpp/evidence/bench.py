@@ -33,7 +33,7 @@ from rich.table import Table
 
 from mcpp.net import identity
 from mcpp.config import NodeConfig
-from mcpp.harness import ProcessCluster, free_ports
+from mcpp.harness import ProcessCluster, free_ports, node_status
 from mcpp.net.peers import percentile
 from mcpp.net.rpc import encode_frame
 from mcpp.runner import open_services
@@ -42,6 +42,7 @@ __all__ = ["run"]
 
 console = Console()
 _HDR = struct.Struct(">I")
+SCALE_SERIES = (5, 10, 20, 50, 100)  # mesh sizes for formation and idle CPU (quick: 5 and 20)
 
 
 def _guard(fn: Any, base: dict[str, Any]) -> dict[str, Any]:
@@ -115,9 +116,10 @@ def measure_startup(tmp: Path, runs: int) -> dict[str, Any]:
             "rss_at_ready_mb_median": round(statistics.median(rss), 1)}
 
 
-def measure_cluster(tmp: Path, n: int, idle_s: float, fork_server: bool = True, private: bool = False) -> dict[str, Any]:
-    """An N-node mesh: formation (and idle figures). private=True gives it a swarm key (the
-    harness's default); the formation series runs open meshes, see the README for why."""
+def measure_cluster(tmp: Path, n: int, idle_s: float, fork_server: bool = True, private: bool = False,
+                    cpu_window_s: float = 5.0) -> dict[str, Any]:
+    """An N-node mesh: formation, and after `idle_s` the idle figures (CPU over `cpu_window_s`,
+    RSS, links per node). private=True gives it a swarm key (the harness's default)."""
     name = f"cluster{n}-{'fork' if fork_server else 'cold'}-{'private' if private else 'open'}"
     with ProcessCluster(n, tmp / name, formation_timeout_s=180, fork_server=fork_server, secure=private) as c:
         out: dict[str, Any] = {"nodes": n, "fork_server": fork_server, "private": private,
@@ -130,12 +132,27 @@ def measure_cluster(tmp: Path, n: int, idle_s: float, fork_server: bool = True, 
             rss = [p.memory_info().rss / 2**20 for p in procs]
             uss = [p.memory_full_info().uss / 2**20 for p in procs]
             cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
-            time.sleep(5)
+            time.sleep(cpu_window_s)
             cpu1 = [sum(p.cpu_times()[:2]) for p in procs]
+            cpu = [100 * (b - a) / cpu_window_s for a, b in zip(cpu0, cpu1)]
+            links = [len((node_status(r.base_url, 2.0, c.headers()) or {}).get("connected", [])) for r in c.nodes]
             out |= {"idle_rss_mb_mean": round(statistics.mean(rss), 1), "idle_rss_mb_max": round(max(rss), 1),
                     "idle_uss_mb_mean": round(statistics.mean(uss), 1),
-                    "idle_cpu_percent_mean": round(100 * statistics.mean(b - a for a, b in zip(cpu0, cpu1)) / 5, 2)}
+                    "idle_cpu_percent_mean": round(statistics.mean(cpu), 2),
+                    "idle_cpu_percent_max": round(max(cpu), 2),
+                    "idle_cpu_percent_whole_mesh": round(sum(cpu), 1),
+                    "links_per_node_mean": round(statistics.mean(links), 1), "links_per_node_max": max(links)}
         return out
+
+
+def measure_membership_sim() -> list[dict[str, Any]]:
+    """The node's membership rules at 1,000 and 10,000 nodes (simulated transport, virtual clock)."""
+    from dataclasses import asdict
+
+    from mcpp.evidence.membership_sim import simulate
+
+    return [asdict(simulate(n, event, loss=loss)) for n in (1000, 10_000) for event in ("join", "failure")
+            for loss in (0.0, 0.01, 0.05)]
 
 
 def _lat(samples_ns: list[int]) -> dict[str, float]:
@@ -325,6 +342,24 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
         ns = [f["nodes"] for f in form]
         ax.plot(ns, [f["formed_in_s"] for f in form], "o-", label="cluster up + formed (incl. process start)")
         ax.plot(ns, [f["formation_after_up_s"] for f in form], "s-", label="formation after all nodes answer")
+        idle = [f for f in form if "idle_cpu_percent_mean" in f]
+        if idle:
+            ax2 = ax.twinx()
+            ax2.plot([f["nodes"] for f in idle], [f["idle_cpu_percent_mean"] for f in idle], "^:", color="tab:red",
+                     label="idle CPU per node (%, right axis)")
+            ax2.set_ylabel("idle CPU per node (% of one core)")
+            ax2.set_ylim(bottom=0)
+            ax2.legend(fontsize=7, loc="upper center")
+
+    sims = [s for s in results.get("membership_sim", []) if isinstance(s, dict) and s.get("t999_s") is not None]
+
+    def simulation(ax: Any) -> None:
+        for event in ("join", "failure"):
+            for loss in sorted({s["loss"] for s in sims}):
+                pts = [s for s in sims if s["event"] == event and s["loss"] == loss]
+                ax.plot([s["nodes"] for s in pts], [s["t999_s"] for s in pts], "o-",
+                        label=f"{event}, {loss:.0%} loss: 99.9 % know")
+        ax.set_xscale("log")
 
     def task_cdf(ax: Any) -> None:
         for label, ms in task_samples.items():
@@ -357,6 +392,9 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
             ax.text(i, systems[n]["idle_rss_mb"], f"{systems[n]['idle_rss_mb']:.0f}", ha="center", va="bottom")
 
     extra = []
+    if sims:
+        extra.append(figure("membership_sim.png", "Membership news reaching 99.9 % of members (simulated)",
+                            "nodes (log)", "seconds", simulation))
     if task_samples:
         extra.append(figure("task_latency_cdf.png", "Cross-peer task round trip (submit on A, run on B, result on A)",
                             "round trip (ms, log)", "fraction of tasks", task_cdf))
@@ -369,7 +407,8 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
     return extra + [
         figure("rpc_latency_cdf.png", "Small request round trip between two local processes",
                "round trip (ms, log)", "fraction of calls", cdf),
-        figure("formation_vs_n.png", "Mesh formation through the DHT (2 cores)", "nodes", "seconds", formation),
+        figure("formation_vs_n.png", "Mesh formation and idle CPU vs N (2 cores, bounded overlay)", "nodes", "seconds",
+               formation),
     ]
 
 
@@ -391,11 +430,22 @@ def _markdown(results: dict[str, Any], command: str) -> str:
     for f in [*r["formation"], *([r["formation_cold_20"]] if "formation_cold_20" in r else []),
               *([r["formation_private"]] if "formation_private" in r else [])]:
         how = ("fork server" if f["fork_server"] else "cold exec") + (", swarm key" if f.get("private") else ", open")
+        target = {50: "< 30 s", 100: "< 60 s"}.get(f["nodes"], "")
         if "error" in f:
-            lines.append(f"| {f['nodes']} nodes ({how}) | failed: {f['error']} | 20 nodes < 5 s |")
+            lines.append(f"| {f['nodes']} nodes ({how}) | failed: {f['error']} | {target} |")
             continue
         lines.append(f"| {f['nodes']} nodes ({how}): all answering / formed after that / total | "
-                     f"{f['up_in_s']} s / {f['formation_after_up_s']} s / {f['formed_in_s']} s | 20 nodes < 5 s |")
+                     f"{f['up_in_s']} s / {f['formation_after_up_s']} s / {f['formed_in_s']} s | {target} |")
+        if "idle_cpu_percent_mean" in f:
+            lines.append(f"| {f['nodes']} nodes idle: CPU per node mean / max, whole mesh; links per node mean / max | "
+                         f"{f['idle_cpu_percent_mean']} / {f['idle_cpu_percent_max']} %, "
+                         f"{f['idle_cpu_percent_whole_mesh']} % of one core; {f['links_per_node_mean']} / "
+                         f"{f['links_per_node_max']} | <= 1.0 % per node, flat in N |")
+    for s in r.get("membership_sim", []):
+        lines.append(f"| simulated {s['nodes']:,} nodes, {s['event']}, {s['loss']:.0%} loss: 50 % / 99.9 % know after; "
+                     f"messages / bytes per node | {s['t50_s']} / {s['t999_s']} s"
+                     + (f" (dead everywhere at {s['dead_at_999_s']} s)" if s.get("dead_at_999_s") else "")
+                     + f"; {s['messages_per_node']} / {s['bytes_per_node']:.0f} B | |")
     for name, v in r["rpc"].items():
         extra = f", {v['calls_per_s_32_in_flight']} calls/s with 32 in flight" if "calls_per_s_32_in_flight" in v else ""
         lines.append(f"| {name}: p50 / p99 | {v['p50_ms']} / {v['p99_ms']} ms{extra} | p50 < 1 ms |")
@@ -530,16 +580,16 @@ def run(args: argparse.Namespace) -> int:
             results["idle"] = measure_cluster(tmp, 5, 5.0, fork_server=False, private=True)
         console.print(f"idle: {results['idle']}")
         results["formation"] = []
-        for n in (5, 10) if quick else (5, 10, 20, 50):
-            with console.status(f"mesh formation, {n} nodes (fork server)"):
-                f = _guard(lambda n=n: measure_cluster(tmp, n, 0), {"nodes": n, "fork_server": True})
+        for n in (5, 20) if quick else SCALE_SERIES:
+            with console.status(f"mesh formation and idle CPU, {n} nodes (fork server, swarm key)"):
+                f = _guard(lambda n=n: measure_cluster(tmp, n, 5.0, private=True, cpu_window_s=10.0),
+                           {"nodes": n, "fork_server": True, "private": True})
             results["formation"].append(f)
             console.print(f"formation: {f}")
-        n_private = 10 if quick else 20
-        with console.status(f"mesh formation, {n_private} nodes, private network (swarm key)"):
-            results["formation_private"] = _guard(lambda: measure_cluster(tmp, n_private, 0, private=True),
-                                                  {"nodes": n_private, "fork_server": True, "private": True})
-        console.print(f"formation (private network): {results['formation_private']}")
+        if not quick:
+            with console.status("membership at 1,000 and 10,000 nodes (simulated transport, virtual clock)"):
+                results["membership_sim"] = _guard(lambda: {"runs": measure_membership_sim()}, {}).get("runs", [])
+            console.print(f"membership simulation: {len(results['membership_sim'])} runs")
         if not quick:  # 20 cold execs take ~25 s on 2 cores
             with console.status("mesh formation, 20 nodes, each exec'd cold"):
                 results["formation_cold_20"] = _guard(lambda: measure_cluster(tmp, 20, 0, fork_server=False),

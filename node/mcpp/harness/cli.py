@@ -24,15 +24,16 @@ console = Console(stderr=False)
 
 def nodes_table(nodes: list[dict[str, Any]], live: bool = True, token: str | None = None) -> Table:
     t = Table(title="mcpp mesh")
-    for col in ("name", "role", "peer id", "libp2p", "mcp url", "pid", "peers", "state"):
+    for col in ("name", "role", "peer id", "libp2p", "mcp url", "pid", "links", "members", "state"):
         t.add_column(col)
     for n in nodes:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         st = node_status(n["mcp_url"].rsplit("/mcp", 1)[0], 1.0, headers) if live else None
         peers = str(len(st["connected"])) if st else "-"
+        members = str(len(st.get("members", []))) if st else "-"
         state = ("ready" if st.get("ready") else "joining") if st else "down"
         addr = n["multiaddrs"][0].split("/p2p/")[0] if n["multiaddrs"] else "-"
-        t.add_row(n["name"], n["role"], n["peer_id"][-12:], addr, n["mcp_url"], str(n["pid"]), peers, state)
+        t.add_row(n["name"], n["role"], n["peer_id"][-12:], addr, n["mcp_url"], str(n["pid"]), peers, members, state)
     return t
 
 

@@ -264,7 +264,8 @@ class ClusterCommon(_Secrets):
         self.stop()
 
     def wait_formed(self, timeout_s: float = 30.0, expect: int | None = None, _t0: float | None = None) -> float:
-        """Wait until every running node lists all the other running nodes as connected.
+        """Wait until every running node knows all the other running nodes as live members and
+        holds at least its overlay's low degree of connections (all the others in a small mesh).
 
         Each node's latest answer counts: a node too busy to answer a poll in time (50 nodes on
         2 cores) keeps its previous reading instead of counting as seeing nobody, unless it
@@ -287,9 +288,13 @@ class ClusterCommon(_Secrets):
                         ok[r.name] = False  # not a busy node any more: a dead or hung one
                     continue
                 unanswered[r.name] = 0
-                seen = set(st.get("connected", [])) & ids
+                # formed: every other node is a live member, and the overlay has its low degree
+                seen = set(st.get("members", st.get("connected", []))) & ids
+                linked = len(set(st.get("connected", [])) & ids)
                 last[r.name] = len(seen)
-                ok[r.name] = len(seen) >= want and bool(st.get("ready"))
+                raw = st.get("degree_low")
+                degree = raw if isinstance(raw, int) else want
+                ok[r.name] = len(seen) >= want and linked >= min(want, degree) and bool(st.get("ready"))
             done = sum(ok.values())
             if self.progress:
                 self.progress(done, len(live), "forming")

@@ -132,7 +132,7 @@ def build_server(node: Node, queue: QueueService, workflows: WorkflowEngine) -> 
         return await node.disconnect(peer_id, reason)
 
     async def peer_list(
-        status: Annotated[str, _enum(PEER_STATUSES, "connected | known | all")] = "connected",
+        status: Annotated[str, _enum(PEER_STATUSES, "connected | known | all | members (every live member, by gossip)")] = "connected",
         capability: str | None = None,
         sort_by: Annotated[str, _enum(SORT_KEYS, "latency | last_seen | peer_id | reputation")] = "peer_id",
         limit: int = 100,

@@ -39,6 +39,7 @@ __all__ = [
     "dial_errors",
     "peer_multiaddrs",
     "strip_p2p",
+    "quiet_connection_manager",
 ]
 
 logging.getLogger("libp2p").addHandler(logging.NullHandler())
@@ -76,7 +77,8 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 
 def make_host(
-    key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...] = (), psk: str | None = None
+    key_pair: KeyPair, muxer: str = "yamux", announce: tuple[str, ...] = (), psk: str | None = None,
+    max_connections: int = 64,
 ) -> IHost:
     """A host that speaks only Noise, with one connection per peer.
 
@@ -97,13 +99,26 @@ def make_host(
         key_pair=key_pair,
         sec_opt=sec_opt,
         muxer_opt=muxer_opt,
-        # membership is mcpp's job (node/connections.py): libp2p's auto-connector would re-dial dead peers
+        # whom to connect to is mcpp's job (node/gossip.py): a hard cap, and the library's pruner
+        # never fires below it (high watermark = cap); `quiet_connection_manager` stops its dialer
         connection_config=ConnectionConfig(
-            max_connections_per_peer=1, dial_timeout=5.0, min_connections=0, low_watermark=0
+            max_connections_per_peer=1, dial_timeout=5.0, min_connections=0, low_watermark=0,
+            max_connections=max_connections, high_watermark=max_connections,
         ),
         announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
         psk=psk,
     )
+
+
+async def quiet_connection_manager(host: IHost) -> None:
+    """Stop libp2p's auto-connector (it dials every peer of the peerstore towards (low + high) / 2
+    connections, whatever the config says) and its pruner: mcpp chooses its connections itself.
+    Call it once the host runs."""
+    net: Any = host.get_network()
+    for part in ("auto_connector", "connection_pruner"):
+        svc = getattr(net, part, None)
+        if svc is not None:
+            await svc.stop()
 
 
 def strip_p2p(addr: str) -> str:

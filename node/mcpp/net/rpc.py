@@ -104,6 +104,7 @@ class PeerTraffic:
     calls_failed: int = 0
     served: int = 0
     last_in: float = 0.0  # wall clock of the last frame received from the peer (liveness)
+    last_work: float = 0.0  # monotonic time of the last call either way of a method not `background`
     # (monotonic time, cumulative bytes_in, cumulative bytes_out), sampled by the node
     samples: list[tuple[float, int, int]] = field(default_factory=list)
 
@@ -169,6 +170,7 @@ class RpcEndpoint:
         self._default_timeout_s = default_timeout_s
         self._handlers: dict[str, Handler] = {}
         self._inline: set[str] = set()
+        self._background: set[str] = set()
         self._channels: dict[str, _Channel] = {}
         self._open_locks: dict[str, trio.Lock] = {}
         self._next_id = 1
@@ -182,12 +184,16 @@ class RpcEndpoint:
         self.traffic: dict[str, PeerTraffic] = {}
 
     # ---- setup -------------------------------------------------------------------------
-    def register(self, method: str, handler: Handler, inline: bool = False) -> None:
+    def register(self, method: str, handler: Handler, inline: bool = False, background: bool = False) -> None:
         """Serve `method`. inline=True runs the handler in the stream's read loop (no task spawn):
-        only for handlers that return without waiting on anything (e.g. ping)."""
+        only for handlers that return without waiting on anything (e.g. ping). background=True:
+        calls of it (either way) do not count as work on the link (`PeerTraffic.last_work`), so a
+        link that carries only pings and gossip counts as idle."""
         self._handlers[method] = handler
         if inline:
             self._inline.add(method)
+        if background:
+            self._background.add(method)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -226,6 +232,8 @@ class RpcEndpoint:
         timeout = self._default_timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         outcome = "error"
+        if method not in self._background:
+            self.traffic_of(peer_id).last_work = time.monotonic()
         try:
             with trio.fail_after(timeout):
                 result = await self._call(peer_id, method, params)
@@ -374,6 +382,8 @@ class RpcEndpoint:
                     msg, size = got
                     traffic.bytes_in += size
                     traffic.last_in = time.time()
+                    if isinstance(msg, dict) and msg.get("m") not in self._background:
+                        traffic.last_work = time.monotonic()
                     if limit.value == 0:
                         self._on_limit("max_inflight_per_peer")  # back-pressure: stop reading
                     await limit.acquire()

@@ -38,6 +38,8 @@ DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most 
 DEMAND_DIAL_TIMEOUT_S = 5.0
 MAX_PINGS_PER_S = 10.0
 WATCH_S = 0.25
+FAREWELL_S = 10.0
+MAX_HELLO_FAILURES = 2  # hellos in a row without an answer on one connection: it is closed
 
 
 @dataclass
@@ -60,8 +62,11 @@ class Connections(NodeCore):
         self._blocked: dict[str, float] = {}
         self._demand_failed: dict[str, float] = {}
         self._first_seen: dict[str, float] = {}
-        self.rpc.register("hello", self._on_hello)
-        self.rpc.register("goodbye", self._on_goodbye)
+        self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
+        self._on_demand: set[str] = set()  # links this node opened for a call, not for the overlay
+        self._hello_failures: dict[str, int] = {}
+        self.rpc.register("hello", self._on_hello, background=True)
+        self.rpc.register("goodbye", self._on_goodbye, background=True)
 
     async def _on_hello(self, peer_id: str, params: Any) -> Any:
         if isinstance(params, dict):
@@ -70,6 +75,7 @@ class Connections(NodeCore):
 
     async def _on_goodbye(self, peer_id: str, params: Any) -> Any:
         self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
+        self._farewell[peer_id] = time.monotonic()
         rec = self.table.get(peer_id)
         if rec is not None:
             rec.persistent = False
@@ -121,9 +127,13 @@ class Connections(NodeCore):
         self.rpc.forget(peer_id)
         self.dht.remove_peer(peer_id)
         self._first_seen.pop(peer_id, None)
+        # the connection closes after a goodbye (either way): not a failure to look into
+        said_goodbye = time.monotonic() - self._farewell.pop(peer_id, -1e9) < FAREWELL_S
+        self._on_demand.discard(peer_id)
+        for hook in self.peer_left_hooks:
+            hook(peer_id, gone and not said_goodbye)
         if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
             self._gone[peer_id] = time.monotonic()
-            said_goodbye = self._blocked.get(peer_id, 0.0) > time.monotonic()
             if rec is not None and rec.multiaddrs and self._nursery is not None and not said_goodbye:
                 # a connection can also close under a live peer (e.g. a duplicate connection
                 # dropped during formation): dial back once; only if that fails is it gone
@@ -175,11 +185,27 @@ class Connections(NodeCore):
             info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
             if isinstance(info, dict):
                 await self._apply_hello(peer_id, info, source)
+            self._hello_failures.pop(peer_id, None)
         except MCPPError as e:
             log.debug("hello failed", extra=kv(peer=peer_id, error=str(e)))
+            rec = self.table.get(peer_id)
+            if rec is not None and rec.hello_done:
+                return  # the other direction's hello worked meanwhile: a slow link, not a broken one
+            n = self._hello_failures[peer_id] = self._hello_failures.get(peer_id, 0) + 1
+            if n >= MAX_HELLO_FAILURES:
+                # a connection that carries no hello is broken (seen under load: a yamux session
+                # that stalls): close it, so that the next dial starts afresh
+                self._hello_failures.pop(peer_id, None)
+                log.info("closing a connection that does not answer hello", extra=kv(peer=peer_id))
+                self._spawn(self._drop_connection, peer_id)
         finally:
             del self._hello_inflight[peer_id]
             done.set()
+
+    async def _drop_connection(self, peer_id: str) -> None:
+        with contextlib.suppress(Exception):
+            with trio.move_on_after(2):
+                await self.host.disconnect(ID.from_base58(peer_id))
 
     async def dial(self, peer_id: str, addrs: list[str], source: str, timeout_s: float = 5.0) -> None:
         """Connect and say hello, all within timeout_s. Raises PeerUnreachable."""
@@ -219,7 +245,8 @@ class Connections(NodeCore):
         if failed is not None and time.monotonic() - failed < DEMAND_REDIAL_S:
             raise PeerUnreachable(peer_id, f"not connected; a dial {time.monotonic() - failed:.1f} s ago failed")
         rec = self.table.get(peer_id)
-        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid)]))
+        addrs = list(dict.fromkeys([*(rec.multiaddrs if rec is not None else []), *peer_multiaddrs(self.host, pid),
+                                    *self._addrs_hint(peer_id)]))
         if not addrs:
             raise PeerUnreachable(peer_id, "not connected and no address known")
         try:
@@ -228,6 +255,11 @@ class Connections(NodeCore):
             self._demand_failed[peer_id] = time.monotonic()
             raise
         self._demand_failed.pop(peer_id, None)
+        self._on_demand.add(peer_id)
+
+    def _addrs_hint(self, peer_id: str) -> list[str]:
+        """Addresses known for a peer beyond the table and the peerstore (members: see gossip.py)."""
+        return []
 
     def _unblock(self, pid: ID) -> None:
         """Our own backoff decides when to retry: lift libp2p's 60 s negative cache."""
@@ -259,6 +291,8 @@ class Connections(NodeCore):
         rec = self.table.get(peer_id)
         if rec is not None and rec.connected:
             return
+        if len(self.table.connected()) + len(self._dialing) >= self.config.degree:
+            return  # the overlay is full: members are learned by gossip, not by connecting
         # Tie-break: of two peers that find each other, the smaller id dials; the other waits
         # DIAL_GRACE_S for it. Simultaneous dials make libp2p drop one of the two connections.
         first = self._first_seen.setdefault(peer_id, time.monotonic())

@@ -49,7 +49,7 @@ class NodeCore:
         )
         # ping runs inline in the stream's read loop: cheaper (pings are O(N^2) mesh-wide) and
         # a truer RTT; echo is the same work through the normal task-per-request path
-        self.rpc.register("ping", self._on_ping, inline=True)
+        self.rpc.register("ping", self._on_ping, inline=True, background=True)
         self.rpc.register("echo", self._on_echo)
         self.mcp_url: str | None = None
         # services built on the node (the queue) add to what hello says and to what is provided,
@@ -57,6 +57,10 @@ class NodeCore:
         self.info_extra: dict[str, Callable[[], Any]] = {}
         self.capability_sources: list[Callable[[], Iterable[str]]] = []
         self.peer_joined_hooks: list[Callable[[str], None]] = []
+        # (peer id, unexpected): called when a connection ends; unexpected = not a goodbye
+        self.peer_left_hooks: list[Callable[[str, bool], None]] = []
+        # what members learn of this node by gossip (stable settings only: a change is news)
+        self.member_extra: dict[str, Callable[[], Any]] = {}
         self.joined = trio.Event()
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()

@@ -17,14 +17,14 @@ from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
 from mcpp.net.dht import MESH_KEY, Dht, capability_key
 from mcpp.net.p2p import IHost
-from mcpp.node.connections import Connections
+from mcpp.node.gossip import Gossip
 from mcpp.node.core import parse_bootstrap
 
 __all__ = ["Discovery"]
 
 log = logging.getLogger("mcpp.node")
 
-REPROVIDE_S = 20.0
+REPROVIDE_S = 300.0  # provider records live 48 h; members are learned by gossip
 EARLY_REPROVIDE_S = 1.5
 NETWORK_FIND_S = 15.0
 EARLY_NETWORK_FIND_S = 3.0
@@ -32,7 +32,7 @@ FORMING_S = 15.0  # after joining, the mesh is still being found: look 4x as oft
 RANDOM_WALK_S = 30.0
 
 
-class Discovery(Connections):
+class Discovery(Gossip):
     """Finding the mesh's peers through the DHT."""
 
     def __init__(self, config: NodeConfig, host: IHost, dht: Dht, metrics: NodeMetrics) -> None:
@@ -71,7 +71,8 @@ class Discovery(Connections):
         """A record provided at join reaches only the few peers known then (the K closest *found*):
         provide again EARLY_REPROVIDE_S later, when the routing table holds the mesh, then every
         REPROVIDE_S."""
-        if self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S:
+        if (self._joined_at is not None and time.monotonic() - self._joined_at < 4 * EARLY_REPROVIDE_S
+                and not self.view.live()):  # (members known: gossip has the mesh, the DHT is not needed)
             return EARLY_REPROVIDE_S
         return REPROVIDE_S
 
@@ -102,19 +103,31 @@ class Discovery(Connections):
                                                 took_s=round(time.monotonic() - t0, 3)))
 
     async def discovery_tick(self) -> None:
+        lonely = not self.table.connected() or not self.view.live()
         for addr, pid in self._bootstrap_peers:
+            # a bootstrap is the way in (and back in after a restart), not a neighbour for life:
+            # dialed while this node knows no member, or while the bootstrap is not a live member
             rec = self.table.get(pid)
-            if pid != self.peer_id and (rec is None or not rec.connected) and not self._in_backoff(pid):
+            member = self.view.get(pid)
+            if pid == self.peer_id or (rec is not None and rec.connected) or pid in self._dialing:
+                continue
+            backoff = self._backoff.get(pid)
+            if backoff is not None and time.monotonic() < backoff.until:
+                continue  # (a goodbye's redial block does not apply: a lonely node needs the way in)
+            if lonely or member is None or not member.live:
                 self._spawn(self._background_dial, pid, [addr], "bootstrap")
         if not self.table.connected():
             return
         now = time.monotonic()
         if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
             self._spawn(self._provide)
-        if not self._finding:
+        # the DHT finds the first peers; then members come by gossip and the overlay dials them:
+        # lookups (which open connections of their own) only while the overlay is short
+        short = len(self.table.connected()) < self.config.degree
+        if not self._finding and short:
             forming = self._forming()
             network = now - self._last_network_find > (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S)
-            walk = now - self._last_walk > RANDOM_WALK_S
+            walk = not self.view.live() and now - self._last_walk > RANDOM_WALK_S
             if network:
                 self._last_network_find = now
             if walk:

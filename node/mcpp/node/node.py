@@ -32,7 +32,7 @@ from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
 from mcpp.net import identity
 from mcpp.net.dht import MESH_KEY, capability_key, open_dht
-from mcpp.net.p2p import ID, make_host, parse_peer_id, parse_peer_multiaddr, peer_multiaddrs
+from mcpp.net.p2p import ID, make_host, parse_peer_id, parse_peer_multiaddr, peer_multiaddrs, quiet_connection_manager
 from mcpp.net.peers import PeerRecord, percentile, quality
 from mcpp.node.connections import REDIAL_BLOCK_S
 from mcpp.node.core import parse_bootstrap
@@ -42,7 +42,7 @@ __all__ = ["Node", "build_node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
 
 log = logging.getLogger("mcpp.node")
 
-PEER_STATUSES = ("connected", "known", "all")
+PEER_STATUSES = ("connected", "known", "all", "members")
 SORT_KEYS = ("latency", "last_seen", "peer_id", "reputation")
 IDENTITY_FILE = "identity.key"  # in data_dir, when no identity is configured
 MAX_BOOTSTRAP_PEERS = 100
@@ -66,6 +66,7 @@ class Node(Discovery):
             nursery.start_soon(self._ping_loop)
             nursery.start_soon(self._discovery_loop)
             nursery.start_soon(self._sample_traffic)
+            nursery.start_soon(self._gossip_loop)
             task_status.started()
 
     # ---- operations (the peer tools) ---------------------------------------------------
@@ -196,6 +197,7 @@ class Node(Discovery):
         with contextlib.suppress(MCPPError):
             await self.rpc.call(pid, "goodbye", {"reason": reason}, timeout_s=1)
         self._blocked[pid] = time.monotonic() + REDIAL_BLOCK_S
+        self._farewell[pid] = time.monotonic()
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(pid))
@@ -211,28 +213,45 @@ class Node(Discovery):
             raise ArgumentError("sort_by", f"must be one of {', '.join(SORT_KEYS)}, got {sort_by!r}")
         _check_range("limit", limit, 1, 1000)
         _check_range("offset", offset, 0, 10**9)
-        recs = self.table.all()
-        if status == "connected":
-            recs = [r for r in recs if r.connected]
-        elif status == "known":
-            recs = [r for r in recs if not r.connected]
-        if capability is not None:
-            recs = [r for r in recs if capability in r.capabilities]
-        if sort_by == "latency":
-            recs.sort(key=lambda r: (r.latest_rtt() is None, r.latest_rtt() or 0.0, r.peer_id))
-        elif sort_by == "last_seen":
-            recs.sort(key=lambda r: (-(r.last_seen or 0.0), r.peer_id))
-        elif sort_by == "reputation":
-            recs.sort(key=lambda r: (-r.reputation, r.peer_id))
+        if status == "members":
+            entries = self._member_entries()
         else:
-            recs.sort(key=lambda r: r.peer_id)
-        page = recs[offset : offset + limit]
+            recs = self.table.all()
+            if status == "connected":
+                recs = [r for r in recs if r.connected]
+            elif status == "known":
+                recs = [r for r in recs if not r.connected]
+            entries = [r.summary() for r in recs]
+        if capability is not None:
+            entries = [e for e in entries if capability in e["capabilities"]]
+        if sort_by == "latency":
+            entries.sort(key=lambda e: (e["latency_ms"] is None, e["latency_ms"] or 0.0, e["peer_id"]))
+        elif sort_by == "last_seen":
+            entries.sort(key=lambda e: (-(e["last_seen"] or 0.0), e["peer_id"]))
+        elif sort_by == "reputation":
+            entries.sort(key=lambda e: (-e["reputation"], e["peer_id"]))
+        else:
+            entries.sort(key=lambda e: e["peer_id"])
+        page = entries[offset : offset + limit]
         return {
-            "peers": [r.summary() for r in page],
+            "peers": page,
             "count": len(page),
-            "total": len(recs),
-            "has_more": offset + len(page) < len(recs),
+            "total": len(entries),
+            "has_more": offset + len(page) < len(entries),
         }
+
+    def _member_entries(self) -> list[dict[str, Any]]:
+        """Every live member (alive or suspect) as gossip knows it, with what the table adds for
+        neighbours (latency, reputation): the same fields as the other statuses, plus state and
+        incarnation."""
+        out = []
+        for m in self.view.live():
+            rec = self.table.get(m.peer_id)
+            base = rec.summary() if rec is not None else {
+                "peer_id": m.peer_id, "role": m.role, "multiaddrs": list(m.addrs), "connected": False,
+                "latency_ms": None, "last_seen": None, "capabilities": list(m.capabilities), "reputation": 0.5}
+            out.append({**base, "capabilities": list(m.capabilities), "state": m.state, "incarnation": m.incarnation})
+        return out
 
     def peer_metrics(self, peer_id: str | None, include_history: bool) -> dict[str, Any]:
         if peer_id is None:
@@ -389,10 +408,12 @@ async def build_node(config: NodeConfig) -> AsyncIterator[Node]:
     # without --identity the key lives with the data: a restarted node is the same peer, and
     # still owns the tasks and workflows its database holds
     kp = identity.load_or_generate(config.identity or os.path.join(config.data_dir, IDENTITY_FILE))
-    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key)
+    host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key,
+                     max_connections=config.max_connections)
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):
+            await quiet_connection_manager(host)
             async with open_dht(host) as dht:
                 yield Node(config, host, dht, metrics)
     finally:
@@ -412,4 +433,5 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         try:
             yield node
         finally:
+            await node.leave()
             nursery.cancel_scope.cancel()

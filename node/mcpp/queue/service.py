@@ -49,9 +49,11 @@ log = logging.getLogger("mcpp.queue")
 SCOPES = ("mesh", "local")
 STORE_FILE = "queue.sqlite3"
 MESH_CALL_S = 5.0
+MESH_FANOUT = 16  # mesh-wide reads call this many nodes at once
 LOCATE_CACHE = 10_000
 CHECKPOINT_S = 1.0
 WAIT_SLICE_S = 2.0
+FAR_RTT_MS = 5.0  # a member that is not a neighbour: no RTT measured, assumed farther than one
 RpcHandler = Callable[[str, Any], Awaitable[Any]]
 
 
@@ -96,6 +98,7 @@ class QueueService:
         for method, handler in self._local.items():
             node.rpc.register(method, handler)
         node.info_extra["worker"] = self.worker.info
+        node.member_extra["worker"] = lambda: self.worker.settings.as_dict()  # gossiped to every member
         node.capability_sources.append(lambda: self.worker.settings.task_types if self.worker.settings.active else ())
         node.peer_joined_hooks.append(lambda pid: self.broker.kick())
         from mcpp.queue.replica import Replicator
@@ -147,26 +150,42 @@ class QueueService:
             raise QueueError(f"task_id: the task's owner {owner} is not reachable ({e})") from None
 
     def peers(self) -> list[str]:
+        """The neighbours (open links, hello done)."""
         return [r.peer_id for r in self.node.table.connected() if r.hello_done]
+
+    def mesh_peers(self) -> list[str]:
+        """Every other node: the neighbours and every live member known by gossip (mesh-wide
+        reads reach them through connections opened on demand, MESH_FANOUT at a time)."""
+        return list(dict.fromkeys([*self.peers(), *self.node.members()]))
 
     def worker_views(self) -> list[WorkerView]:
         views = []
         s = self.worker.settings
         if s.active and s.task_types:
             views.append(WorkerView(self.me, s.worker_id, frozenset(s.task_types), s.max_concurrent, dict(s.resources), 0.0))
+        # neighbours tell their worker in hello (with its current load); every other live member's
+        # worker is known by gossip, and a task for it opens a connection on demand
+        seen = {self.me}
         for rec in self.node.table.connected():
-            w = rec.worker
-            if not rec.hello_done or not isinstance(w, dict) or not w.get("active"):
-                continue
-            try:
-                views.append(WorkerView(rec.peer_id, str(w.get("worker_id") or rec.peer_id),
-                                        frozenset(str(t) for t in w.get("task_types", [])),
-                                        int(w.get("max_concurrent", 1)),
-                                        {str(k): float(v) for k, v in (w.get("resources") or {}).items()},
-                                        rec.rtt_p50() or 1.0))
-            except (TypeError, ValueError, AttributeError, OverflowError):
-                continue  # a peer that advertises nonsense gets no tasks
+            if rec.hello_done:
+                seen.add(rec.peer_id)
+                self._add_view(views, rec.peer_id, rec.worker, rec.rtt_p50() or 1.0)
+        for m in self.node.view.live():
+            if m.state == "alive" and m.peer_id not in seen:
+                self._add_view(views, m.peer_id, m.worker, FAR_RTT_MS)
         return views
+
+    @staticmethod
+    def _add_view(views: list[WorkerView], peer_id: str, w: Any, rtt_ms: float) -> None:
+        if not isinstance(w, dict) or not w.get("active"):
+            return
+        try:
+            views.append(WorkerView(peer_id, str(w.get("worker_id") or peer_id),
+                                    frozenset(str(t) for t in w.get("task_types", [])),
+                                    int(w.get("max_concurrent", 1)),
+                                    {str(k): float(v) for k, v in (w.get("resources") or {}).items()}, rtt_ms))
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            return  # a peer that advertises nonsense gets no tasks
 
     def type_known(self, task_type: str) -> bool:
         if self.registry.get(task_type) is not None:
@@ -188,14 +207,17 @@ class QueueService:
             log.debug("worker update not delivered", extra=kv(peer=peer, error=str(e)))
 
     async def gather(self, method: str, params: Any, peers: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
-        """Call `method` on this node and every connected peer at once: ({peer: answer}, unreachable)."""
+        """Call `method` on this node and every other node (or `peers`), MESH_FANOUT at a time:
+        ({peer: answer}, unreachable)."""
         answers: dict[str, Any] = {}
         failed: list[str] = []
-        targets = [self.me, *(self.peers() if peers is None else peers)]
+        targets = [self.me, *(self.mesh_peers() if peers is None else peers)]
+        limit = trio.CapacityLimiter(MESH_FANOUT)
 
         async def one(pid: str) -> None:
             try:
-                answers[pid] = await self.call(pid, method, params, MESH_CALL_S)
+                async with limit:
+                    answers[pid] = await self.call(pid, method, params, MESH_CALL_S)
             except MCPPError as e:
                 failed.append(pid)
                 log.debug("mesh call failed", extra=kv(peer=pid, method=method, error=str(e)))
@@ -223,8 +245,9 @@ class QueueService:
         raise TaskNotFound(task_id, argument)
 
     def _connected(self, peer: str) -> bool:
+        """A neighbour, or a live member (reached on demand)."""
         rec = self.node.table.get(peer)
-        return rec is not None and rec.connected
+        return (rec is not None and rec.connected) or peer in self.node.members()
 
     async def find(self, task_id: str) -> str | None:
         """The owner of a caller-chosen id, or None if no connected node holds it."""
@@ -233,7 +256,7 @@ class QueueService:
         cached = self._located.get(task_id)
         if cached is not None:
             return cached
-        answers, _ = await self.gather("q.where", {"ids": [task_id]}, self.peers())
+        answers, _ = await self.gather("q.where", {"ids": [task_id]}, self.mesh_peers())
         for pid, ids in answers.items():
             if pid != self.me and task_id in (ids or []):
                 self._located[task_id] = pid
@@ -441,7 +464,7 @@ class QueueService:
         flt = {"status": status, "task_type": task_type, "tag": tag, "worker": worker,
                "min_priority": min_priority, "max_priority": max_priority}
         params = {"filter": flt, "limit": limit + offset, "offset": 0}
-        peers = self.peers() if scope == "mesh" else []
+        peers = self.mesh_peers() if scope == "mesh" else []
         answers, failed = await self.gather("q.list", params, peers)
         rows = [t for a in answers.values() for t in a["tasks"]]
         rows.sort(key=lambda t: (-(t["created_at"] or 0.0), t["task_id"]))
@@ -453,7 +476,7 @@ class QueueService:
     async def stats(self, scope: Any, include_worker_stats: bool) -> dict[str, Any]:
         if scope not in SCOPES:
             raise ArgumentError("scope", f"must be mesh or local, got {scope!r}")
-        peers = self.peers() if scope == "mesh" else []
+        peers = self.mesh_peers() if scope == "mesh" else []
         answers, failed = await self.gather("q.stats", {}, peers)
         keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
                 "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
@@ -545,7 +568,7 @@ class QueueService:
         self._check_opt_str("worker_id", worker_id)
         if worker_id in (self.worker.settings.worker_id, self.me):
             return self.unregister_local(drain)
-        infos, _ = await self.gather("w.info", {}, self.peers())
+        infos, _ = await self.gather("w.info", {}, self.mesh_peers())
         for pid, info in infos.items():
             if worker_id in (info.get("worker_id"), pid):
                 return dict(await self.owner_call(pid, "w.unregister", {"drain": drain}))

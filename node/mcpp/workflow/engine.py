@@ -411,7 +411,7 @@ class WorkflowEngine:
             return workflow_id, owner
         if self.store.exists(workflow_id):
             return workflow_id, self.me
-        answers, _ = await self.q.gather("wf.where", {"ids": [workflow_id]}, self.q.peers())
+        answers, _ = await self.q.gather("wf.where", {"ids": [workflow_id]}, self.q.mesh_peers())
         for pid, ids in answers.items():
             if workflow_id in (ids or []):
                 return workflow_id, pid
@@ -491,7 +491,7 @@ class WorkflowEngine:
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ArgumentError("tag", "must be a non-empty string")
         if peer is not None:
-            if not isinstance(peer, str) or (peer != self.me and peer not in self.q.peers()):
+            if not isinstance(peer, str) or (peer != self.me and peer not in self.q.mesh_peers()):
                 raise ArgumentError("peer", f"{peer!r} is not this node or a connected peer")
             targets: list[str] | None = [] if peer == self.me else [peer]
         else:

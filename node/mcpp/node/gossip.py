@@ -1,0 +1,263 @@
+"""Gossip membership and the bounded overlay, on the node's RPC endpoint (see membership.py for
+the protocol and the rules).
+
+This part of the node moves membership messages (`m.push`, `m.sync`, `m.probe`), turns broken
+connections into probes and suspicions, and keeps the overlay's degree: it dials members while
+it has fewer than `degree` neighbours and closes the idlest connections above `degree` (any
+connection above `degree_high`). See core.py for how `Node` is layered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import trio
+
+from mcpp.config import NodeConfig
+from mcpp.errors import MCPPError
+from mcpp.log import kv
+from mcpp.metrics import NodeMetrics
+from mcpp.net.dht import Dht
+from mcpp.net.p2p import ID, IHost
+from mcpp.node.connections import Connections
+from mcpp.node.membership import (
+    GOSSIP_S,
+    INDIRECT_PROBES,
+    PROBE_TIMEOUT_S,
+    RECONNECT_S,
+    SYNC_S,
+    Member,
+    MemberView,
+)
+
+__all__ = ["Gossip"]
+
+log = logging.getLogger("mcpp.node")
+
+OVERLAY_S = 1.0
+SELF_REFRESH_S = 0.5
+IDLE_S = 10.0  # a link that carried no work (calls other than pings and gossip) this long is idle
+PRUNE_GRACE_S = 10.0  # below degree_high, a new link is not closed for the degree before this age
+LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
+MAX_DIALS_PER_TICK = 4
+MAX_PRUNES_PER_TICK = 2
+
+
+class Gossip(Connections):
+    """Membership and the overlay's degree."""
+
+    def __init__(self, config: NodeConfig, host: IHost, dht: Dht, metrics: NodeMetrics) -> None:
+        super().__init__(config, host, dht, metrics)
+        # a restarted node is newer than anything said about its previous life
+        self.view = MemberView(Member(self.peer_id, int(time.time() * 1000), "alive", tuple(self.multiaddrs),
+                                      self.role, tuple(self.advertised_capabilities()), self.mcp_url, None))
+        self._rng = random.Random()
+        self._probing: set[str] = set()
+        self._last_reconnect = time.monotonic()
+        self.rpc.register("m.push", self._on_push, background=True)
+        self.rpc.register("m.sync", self._on_sync, background=True)
+        self.rpc.register("m.probe", self._on_probe, background=True)
+        self.peer_joined_hooks.append(self._neighbour_joined)
+        self.peer_left_hooks.append(self._neighbour_left)
+
+    # ---- facts -------------------------------------------------------------------------
+    def neighbours(self) -> list[str]:
+        return [r.peer_id for r in self.table.connected() if r.hello_done]
+
+    def members(self) -> list[str]:
+        """The live members this node knows (alive, not suspect), itself excluded."""
+        return self.view.alive_ids()
+
+    def status(self) -> dict[str, Any]:
+        suspect = sorted(m.peer_id for m in self.view.live() if m.state == "suspect")
+        return {**super().status(), "members": self.members(), "suspect": suspect, "degree": self.config.degree,
+                "degree_low": self.config.degree_low}
+
+    def _addrs_hint(self, peer_id: str) -> list[str]:
+        m = self.view.get(peer_id)
+        return list(m.addrs) if m is not None else []
+
+    def _self_info(self) -> dict[str, Any]:
+        worker = self.member_extra["worker"]() if "worker" in self.member_extra else None
+        return {"addrs": tuple(self.multiaddrs), "role": self.role, "capabilities": tuple(self.advertised_capabilities()),
+                "mcp_url": self.mcp_url, "worker": worker}
+
+    # ---- rpc handlers ------------------------------------------------------------------
+    async def _on_push(self, peer_id: str, params: Any) -> Any:
+        n = self.view.receive_push(peer_id, params.get("updates") if isinstance(params, dict) else None)
+        self.metrics.gossip_messages.labels("push_in").inc()
+        return {"applied": n}
+
+    async def _on_sync(self, peer_id: str, params: Any) -> Any:
+        self.view.receive_sync(peer_id, params.get("members") if isinstance(params, dict) else None)
+        self.metrics.gossip_messages.labels("sync_in").inc()
+        return {"members": self.view.snapshot()}
+
+    async def _on_probe(self, peer_id: str, params: Any) -> Any:
+        target = params.get("target") if isinstance(params, dict) else None
+        if not isinstance(target, str) or target == self.peer_id or self.view.get(target) is None:
+            return {"ok": False}
+        try:
+            await self.rpc.call(target, "ping", None, timeout_s=PROBE_TIMEOUT_S)
+            return {"ok": True}
+        except MCPPError:
+            return {"ok": False}
+
+    # ---- hooks from connection management ----------------------------------------------
+    def _neighbour_joined(self, peer_id: str) -> None:
+        self._spawn(self._sync_with, peer_id)
+
+    def _neighbour_left(self, peer_id: str, unexpected: bool) -> None:
+        if unexpected:
+            self._spawn(self._check_unreachable, peer_id)
+
+    async def _sync_with(self, peer_id: str) -> None:
+        """Push-pull: both sides end with the union of their views."""
+        try:
+            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=5)
+        except MCPPError as e:
+            log.debug("sync failed", extra=kv(peer=peer_id, error=str(e)))
+            return
+        self.metrics.gossip_messages.labels("sync_out").inc()
+        if isinstance(answer, dict):
+            self.view.receive_sync(peer_id, answer.get("members"))
+
+    async def _push(self, peer_id: str, updates: list[dict[str, Any]]) -> None:
+        try:
+            await self.rpc.call(peer_id, "m.push", {"updates": updates}, timeout_s=5)
+            self.metrics.gossip_messages.labels("push_out").inc()
+        except MCPPError as e:
+            log.debug("push failed", extra=kv(peer=peer_id, error=str(e)))
+
+    async def _check_unreachable(self, peer_id: str) -> None:
+        """A connection to a member broke: probe it directly, then through up to INDIRECT_PROBES
+        neighbours; only if nobody reaches it is it suspected."""
+        m = self.view.get(peer_id)
+        if m is None or m.state != "alive" or peer_id in self._probing:
+            return
+        self._probing.add(peer_id)
+        try:
+            with contextlib.suppress(MCPPError):
+                await self.rpc.call(peer_id, "ping", None, timeout_s=PROBE_TIMEOUT_S)
+                return
+            helpers = [p for p in self.neighbours() if p != peer_id]
+            reached = False
+
+            async def ask(helper: str) -> None:
+                nonlocal reached
+                with contextlib.suppress(MCPPError):
+                    r = await self.rpc.call(helper, "m.probe", {"target": peer_id}, timeout_s=2 * PROBE_TIMEOUT_S)
+                    if isinstance(r, dict) and r.get("ok") is True:
+                        reached = True
+
+            async with trio.open_nursery() as n:
+                for h in self._rng.sample(helpers, min(INDIRECT_PROBES, len(helpers))):
+                    n.start_soon(ask, h)
+            if not reached and self.view.suspect(peer_id):
+                log.info("member suspected", extra=kv(peer=peer_id))
+        finally:
+            self._probing.discard(peer_id)
+
+    # ---- the overlay -------------------------------------------------------------------
+    def _overlay_tick(self) -> None:
+        """GossipSub's hysteresis: below `degree_low` dial members up to `degree`; above
+        `degree_high` close idle links down to `degree`; on-demand links this node opened close
+        when idle and the node has `degree` others."""
+        neighbours = self.neighbours()
+        cfg = self.config
+        if len(neighbours) < cfg.degree_low:
+            busy = set(neighbours) | set(self._dialing)
+            candidates = [m for m in self.view.live() if m.state == "alive" and m.peer_id not in busy
+                          and m.addrs and self.peer_allowed(m.peer_id)]
+            fresh = [m for m in candidates if not self._in_backoff(m.peer_id)]
+            pool = fresh if len(fresh) >= cfg.degree - len(neighbours) else candidates
+            for m in self._rng.sample(pool, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(pool))):
+                self._blocked.pop(m.peer_id, None)
+                self._spawn(self._background_dial, m.peer_id, list(m.addrs), "overlay")
+        elif len(neighbours) > cfg.degree:
+            self._prune(neighbours)
+        now = time.monotonic()
+        if now - self._last_reconnect >= RECONNECT_S:
+            self._last_reconnect = now
+            dead = [m for m in self.view.recently_dead() if m.addrs and m.peer_id not in self._dialing]
+            if dead:  # a healed partition is found this way
+                m = self._rng.choice(dead)
+                self._blocked.pop(m.peer_id, None)
+                self._backoff.pop(m.peer_id, None)
+                self._spawn(self._background_dial, m.peer_id, list(m.addrs), "reconnect")
+
+    def _prune(self, neighbours: list[str]) -> None:
+        """Close idle links, oldest first: above `degree_high` down to `degree`, and between
+        `degree` and `degree_high` the on-demand links this node opened. Links that carry work
+        (task dispatch, forwarded calls) are never closed for the degree."""
+        cfg = self.config
+        wall, mono = time.time(), time.monotonic()
+        idle = []
+        for p in neighbours:
+            rec = self.table.get(p)
+            if rec is None or rec.persistent or mono - self.rpc.traffic_of(p).last_work < IDLE_S:
+                continue
+            idle.append((rec.connected_since or wall, p))
+        idle.sort()
+        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
+            victims = [p for _, p in idle][: len(neighbours) - cfg.degree]
+        else:
+            victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
+            victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
+        for p in victims:
+            self._blocked[p] = time.monotonic() + 30.0  # do not dial it back at once
+            self._on_demand.discard(p)
+            self._spawn(self._close_for_degree, p)
+
+    async def _close_for_degree(self, peer_id: str) -> None:
+        self._farewell[peer_id] = time.monotonic()
+        with contextlib.suppress(MCPPError):
+            await self.rpc.call(peer_id, "goodbye", {"reason": "degree"}, timeout_s=1)
+        with contextlib.suppress(Exception):
+            with trio.move_on_after(2):
+                await self.host.disconnect(ID.from_base58(peer_id))
+        self._lost(peer_id, "closed: above the degree bound", gone=False)
+        self.metrics.gossip_messages.labels("prune").inc()
+
+    # ---- loops -------------------------------------------------------------------------
+    async def _gossip_loop(self) -> None:
+        last_self = 0.0
+        last_sync = time.monotonic()
+        last_overlay = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_self >= SELF_REFRESH_S:  # also the pace of the O(N) chores
+                last_self = now
+                self.view.update_self(**self._self_info())
+                for pid in self.view.tick(now):
+                    log.info("member dead", extra=kv(peer=pid))
+                self._update_member_gauges()
+            neighbours = self.neighbours()
+            for pid, updates in self.view.take_outbox(neighbours).items():
+                self._spawn(self._push, pid, updates)
+            if neighbours and now - last_sync >= SYNC_S:
+                last_sync = now
+                self._spawn(self._sync_with, self._rng.choice(neighbours))
+            if now - last_overlay >= OVERLAY_S:
+                last_overlay = now
+                self._overlay_tick()
+            await trio.sleep(GOSSIP_S)
+
+    def _update_member_gauges(self) -> None:
+        st = self.view.statistics()
+        self.metrics.members.labels("alive").set(st.alive)
+        self.metrics.members.labels("suspect").set(st.suspect)
+        self.metrics.members.labels("dead").set(st.dead)
+
+    async def leave(self) -> None:
+        """A clean stop: tell the neighbours this node leaves (they spread it), within LEAVE_S."""
+        self.view.leave()
+        outbox = self.view.take_outbox(self.neighbours())
+        with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_S):
+            async with trio.open_nursery() as n:
+                for pid, updates in outbox.items():
+                    n.start_soon(self._push, pid, updates)
