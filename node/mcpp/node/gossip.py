@@ -2,9 +2,10 @@
 the protocol and the rules).
 
 This part of the node moves membership messages (`m.push`, `m.sync`, `m.probe`), turns broken
-connections into probes and suspicions, and keeps the overlay's degree: it dials members while
-it has fewer than `degree` neighbours and closes the idlest connections above `degree` (any
-connection above `degree_high`). See core.py for how `Node` is layered.
+connections into probes and suspicions, and keeps the overlay's degree (GossipSub's hysteresis):
+below `degree_low` neighbours it dials members up to `degree`; above `degree_high` it closes idle
+links down to `degree`; links it opened on demand close when idle. See core.py for how `Node`
+is layered.
 """
 
 from __future__ import annotations
@@ -173,10 +174,9 @@ class Gossip(Connections):
             busy = set(neighbours) | set(self._dialing)
             candidates = [m for m in self.view.live() if m.state == "alive" and m.peer_id not in busy
                           and m.addrs and self.peer_allowed(m.peer_id)]
-            fresh = [m for m in candidates if not self._in_backoff(m.peer_id)]
-            pool = fresh if len(fresh) >= cfg.degree - len(neighbours) else candidates
+            # never a peer in backoff or that said goodbye (a disconnect or a close for the degree)
+            pool = [m for m in candidates if not self._in_backoff(m.peer_id)]
             for m in self._rng.sample(pool, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(pool))):
-                self._blocked.pop(m.peer_id, None)
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "overlay")
         elif len(neighbours) > cfg.degree:
             self._prune(neighbours)
