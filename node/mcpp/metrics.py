@@ -35,6 +35,10 @@ class NodeMetrics:
             "mcpp_gossip_messages", "Membership messages (push, sync) sent and received, and closes for the degree",
             ["kind"], registry=r,
         )
+        self.loop_lag = Gauge(
+            "mcpp_loop_lag_seconds", "Event-loop lag (a decaying peak): what the local health multiplier follows",
+            registry=r,
+        )
         self.peers_refused = Counter(
             "mcpp_peers_refused", "Connections or streams refused: peer not in allow_peers", registry=r
         )

@@ -22,6 +22,7 @@ __all__ = ["Dht", "MESH_KEY", "capability_key", "open_dht"]
 
 MESH_KEY = "mcpp/mesh/1"
 ALPHA = 3
+ADD_PEER_TIMEOUT_S = 5.0
 log = logging.getLogger("mcpp.dht")
 
 
@@ -34,7 +35,8 @@ class Dht:
         self._kad = kad
 
     async def add_peer(self, peer_id: str) -> None:
-        with contextlib.suppress(Exception):
+        """Into the routing table; bounded, since a full bucket makes py-libp2p ping its oldest peer."""
+        with contextlib.suppress(Exception), trio.move_on_after(ADD_PEER_TIMEOUT_S):
             await self._kad.add_peer(ID.from_base58(peer_id))
 
     def remove_peer(self, peer_id: str) -> None:

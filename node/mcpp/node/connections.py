@@ -36,8 +36,12 @@ MAX_BACKOFF_S = 4.0
 DIAL_GRACE_S = 2.0
 DEMAND_REDIAL_S = 2.0  # an rpc call re-dials a peer it could not reach at most this often
 DEMAND_DIAL_TIMEOUT_S = 5.0
-MAX_PINGS_PER_S = 10.0
+MAX_PINGS_PER_S = 1.0  # a ping costs ~1 ms of CPU at each end: at degree 8, 2 % of a core at 4/s
 WATCH_S = 0.25
+HELLO_TIMEOUT_S = 5.0
+LAG_UNIT_S = 0.1  # each 0.1 s of event-loop lag adds one to the local health multiplier...
+MAX_HEALTH = 8.0  # ...up to this (Lifeguard's LHM: a slow node is slow to accuse others)
+LAG_DECAY = 0.9  # per watch tick: a lag peak fades to a tenth in ~5 s
 FAREWELL_S = 10.0
 MAX_HELLO_FAILURES = 2  # hellos in a row without an answer on one connection: it is closed
 
@@ -65,6 +69,8 @@ class Connections(NodeCore):
         self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
         self._on_demand: set[str] = set()  # links this node opened for a call, not for the overlay
         self._hello_failures: dict[str, int] = {}
+        self.loop_lag_s = 0.0
+        self._degree_closed: set[str] = set()  # blocked links closed for the overlay's degree (not by a user)
         self.rpc.register("hello", self._on_hello, background=True)
         self.rpc.register("goodbye", self._on_goodbye, background=True)
 
@@ -75,6 +81,10 @@ class Connections(NodeCore):
 
     async def _on_goodbye(self, peer_id: str, params: Any) -> Any:
         self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
+        if isinstance(params, dict) and params.get("overlay") is True:
+            self._degree_closed.add(peer_id)  # the overlay may dial it back if it runs short
+        else:
+            self._degree_closed.discard(peer_id)
         self._farewell[peer_id] = time.monotonic()
         rec = self.table.get(peer_id)
         if rec is not None:
@@ -108,7 +118,9 @@ class Connections(NodeCore):
         self._gone.pop(peer_id, None)
         self._backoff.pop(peer_id, None)
         self._first_seen.pop(peer_id, None)
-        await self.dht.add_peer(peer_id)
+        # in the background: with a full k-bucket py-libp2p pings the bucket's oldest peer (maybe a
+        # dial) under the bucket's lock, and a hello that waited on it went unanswered for seconds
+        self._spawn(self.dht.add_peer, peer_id)
         self._update_peer_gauges()
         if self._joined_at is None:
             self._joined_at = time.monotonic()
@@ -167,20 +179,27 @@ class Connections(NodeCore):
         until = self._blocked.get(peer_id)
         return until is not None and time.monotonic() < until
 
+    def _dial_failed_recently(self, peer_id: str) -> bool:
+        b = self._backoff.get(peer_id)
+        return b is not None and time.monotonic() < b.until
+
     def _fail_backoff(self, peer_id: str) -> None:
         b = self._backoff.get(peer_id)
         cap = GONE_REDIAL_S if peer_id in self._gone else MAX_BACKOFF_S
         delay = 0.25 if b is None else min(b.delay_s * 2, cap)
         self._backoff[peer_id] = _Backoff(time.monotonic() + delay, delay)
 
-    async def _hello(self, peer_id: str, source: str, timeout_s: float = 5.0) -> None:
+    async def _hello(self, peer_id: str, source: str, timeout_s: float | None = None) -> None:
         """Exchange hello; if one is already running for this peer, wait for that one."""
+        if timeout_s is None:
+            timeout_s = HELLO_TIMEOUT_S * self.health()
         running = self._hello_inflight.get(peer_id)
         if running is not None:
             with trio.move_on_after(timeout_s):
                 await running.wait()
             return
         done = self._hello_inflight[peer_id] = trio.Event()
+        asked_at = time.time()
         try:
             info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
             if isinstance(info, dict):
@@ -191,6 +210,8 @@ class Connections(NodeCore):
             rec = self.table.get(peer_id)
             if rec is not None and rec.hello_done:
                 return  # the other direction's hello worked meanwhile: a slow link, not a broken one
+            if self.rpc.traffic_of(peer_id).last_in > asked_at:
+                return  # frames arrived meanwhile: a busy peer (a mesh forming on few cores), not a dead link
             n = self._hello_failures[peer_id] = self._hello_failures.get(peer_id, 0) + 1
             if n >= MAX_HELLO_FAILURES:
                 # a connection that carries no hello is broken (seen under load: a yamux session
@@ -344,25 +365,37 @@ class Connections(NodeCore):
             for pid, until in list(self._blocked.items()):
                 if until < now:
                     del self._blocked[pid]
+                    self._degree_closed.discard(pid)
             for pid, t in list(self._demand_failed.items()):
                 if now - t > DEMAND_REDIAL_S:
                     del self._demand_failed[pid]
+            t = trio.current_time()
             await trio.sleep(WATCH_S)
+            self._note_lag(trio.current_time() - t - WATCH_S)
+
+    def _note_lag(self, lag_s: float) -> None:
+        self.loop_lag_s = max(lag_s, self.loop_lag_s * LAG_DECAY)
+        self.metrics.loop_lag.set(self.loop_lag_s)
+
+    def health(self) -> float:
+        """Lifeguard's local health multiplier, from this node's own loop lag: 1 when the loop is
+        prompt, up to MAX_HEALTH on a starved node (50 nodes forming on 2 cores). Every timeout
+        after which this node would judge a peer (hello, ping, probe, suspicion) is scaled by it,
+        so that its own slowness is not taken for theirs."""
+        return min(MAX_HEALTH, 1.0 + self.loop_lag_s / LAG_UNIT_S)
 
     def _ping_every_s(self) -> float:
-        """Each peer is pinged every ping_interval_s, slower in big meshes so that a node sends
-        at most MAX_PINGS_PER_S pings in all (pings are O(N^2) mesh-wide)."""
+        """Each peer is pinged every ping_interval_s, slower with many links so that a node sends
+        at most MAX_PINGS_PER_S pings in all: its ~degree neighbours together still ping it about
+        once a second (SWIM's probe rate), whatever the mesh's size."""
         return max(self.config.ping_interval_s, len(self.table.connected()) / MAX_PINGS_PER_S)
-
-    def _peer_timeout_s(self) -> float:
-        return max(self.config.peer_timeout_s, 2.5 * self._ping_every_s())
 
     async def _ping_one(self, rec: PeerRecord) -> None:
         pid = rec.peer_id
         self._ping_inflight.add(pid)
         rec.last_ping_sent = time.monotonic()
         try:
-            rtt = await self.ping(pid, timeout_s=self._peer_timeout_s())
+            rtt = await self.ping(pid, timeout_s=self.config.peer_timeout_s * self.health())
             rec.add_rtt(rtt)
         except MCPPError:
             rec.ping_failures += 1
@@ -370,7 +403,7 @@ class Connections(NodeCore):
             # any frame from the peer (its own pings, answers, requests) proves it is alive
             heard = max(rec.last_seen or 0.0, self.rpc.traffic_of(pid).last_in)
             silent_s = time.time() - heard
-            if silent_s >= self._peer_timeout_s() and rec.connected:
+            if silent_s >= self.config.peer_timeout_s * self.health() and rec.connected:
                 self._lost(pid, f"no answer to pings for {silent_s:.1f} s")
                 with contextlib.suppress(Exception):
                     with trio.move_on_after(1):

@@ -30,6 +30,7 @@ NETWORK_FIND_S = 15.0
 EARLY_NETWORK_FIND_S = 3.0
 FORMING_S = 15.0  # after joining, the mesh is still being found: look 4x as often
 RANDOM_WALK_S = 30.0
+HEAL_FIND_S = 60.0  # with every known member connected, still look this often (two meshes that never met)
 
 
 class Discovery(Gossip):
@@ -122,11 +123,16 @@ class Discovery(Gossip):
         if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
             self._spawn(self._provide)
         # the DHT finds the first peers; then members come by gossip and the overlay dials them:
-        # lookups (which open connections of their own) only while the overlay is short
-        short = len(self.table.connected()) < self.config.degree
-        if not self._finding and short:
+        # lookups (which open connections of their own) only while the overlay is short of what
+        # the members this node knows could give it, and rarely otherwise
+        want = min(self.config.degree, len(self.view.live()))
+        short = not self.view.live() or len(self.table.connected()) < want
+        if not self._finding:
             forming = self._forming()
-            network = now - self._last_network_find > (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S)
+            every = (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S) if short else HEAL_FIND_S
+            network = now - self._last_network_find > every
+            if not short and not network:
+                return
             walk = not self.view.live() and now - self._last_walk > RANDOM_WALK_S
             if network:
                 self._last_network_find = now

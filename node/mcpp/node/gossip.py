@@ -46,6 +46,7 @@ PRUNE_GRACE_S = 10.0  # below degree_high, a new link is not closed for the degr
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
 MAX_PRUNES_PER_TICK = 2
+MAX_PRUNES_ABOVE_HIGH = 4
 
 
 class Gossip(Connections):
@@ -76,7 +77,8 @@ class Gossip(Connections):
     def status(self) -> dict[str, Any]:
         suspect = sorted(m.peer_id for m in self.view.live() if m.state == "suspect")
         return {**super().status(), "members": self.members(), "suspect": suspect, "degree": self.config.degree,
-                "degree_low": self.config.degree_low}
+                "degree_low": self.config.degree_low, "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
+                "health": round(self.health(), 2)}
 
     def _addrs_hint(self, peer_id: str) -> list[str]:
         m = self.view.get(peer_id)
@@ -94,8 +96,13 @@ class Gossip(Connections):
         return {"applied": n}
 
     async def _on_sync(self, peer_id: str, params: Any) -> Any:
-        self.view.receive_sync(peer_id, params.get("members") if isinstance(params, dict) else None)
+        """Push-pull. `{"digest": d}` alone asks first whether the views differ at all."""
         self.metrics.gossip_messages.labels("sync_in").inc()
+        if isinstance(params, dict) and "members" not in params:
+            if params.get("digest") == self.view.digest():
+                return {"same": True}
+            return {"members": self.view.snapshot()}
+        self.view.receive_sync(peer_id, params.get("members") if isinstance(params, dict) else None)
         return {"members": self.view.snapshot()}
 
     async def _on_probe(self, peer_id: str, params: Any) -> Any:
@@ -103,7 +110,7 @@ class Gossip(Connections):
         if not isinstance(target, str) or target == self.peer_id or self.view.get(target) is None:
             return {"ok": False}
         try:
-            await self.rpc.call(target, "ping", None, timeout_s=PROBE_TIMEOUT_S)
+            await self.rpc.call(target, "ping", None, timeout_s=PROBE_TIMEOUT_S * self.health())
             return {"ok": True}
         except MCPPError:
             return {"ok": False}
@@ -117,13 +124,19 @@ class Gossip(Connections):
             self._spawn(self._check_unreachable, peer_id)
 
     async def _sync_with(self, peer_id: str) -> None:
-        """Push-pull: both sides end with the union of their views."""
+        """Push-pull: both sides end with the union of their views. Digests first: a new link
+        (every link, since news pushed before it existed never crossed it) or the periodic
+        sync between views that agree costs two small messages, not two whole views."""
         try:
+            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=5)
+            self.metrics.gossip_messages.labels("sync_out").inc()
+            if not isinstance(answer, dict) or answer.get("same") is True:
+                return
+            self.view.receive_sync(peer_id, answer.get("members"))
             answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=5)
         except MCPPError as e:
             log.debug("sync failed", extra=kv(peer=peer_id, error=str(e)))
             return
-        self.metrics.gossip_messages.labels("sync_out").inc()
         if isinstance(answer, dict):
             self.view.receive_sync(peer_id, answer.get("members"))
 
@@ -143,7 +156,7 @@ class Gossip(Connections):
         self._probing.add(peer_id)
         try:
             with contextlib.suppress(MCPPError):
-                await self.rpc.call(peer_id, "ping", None, timeout_s=PROBE_TIMEOUT_S)
+                await self.rpc.call(peer_id, "ping", None, timeout_s=PROBE_TIMEOUT_S * self.health())
                 return
             helpers = [p for p in self.neighbours() if p != peer_id]
             reached = False
@@ -151,7 +164,8 @@ class Gossip(Connections):
             async def ask(helper: str) -> None:
                 nonlocal reached
                 with contextlib.suppress(MCPPError):
-                    r = await self.rpc.call(helper, "m.probe", {"target": peer_id}, timeout_s=2 * PROBE_TIMEOUT_S)
+                    r = await self.rpc.call(helper, "m.probe", {"target": peer_id},
+                                            timeout_s=2 * PROBE_TIMEOUT_S * self.health())
                     if isinstance(r, dict) and r.get("ok") is True:
                         reached = True
 
@@ -174,8 +188,12 @@ class Gossip(Connections):
             busy = set(neighbours) | set(self._dialing)
             candidates = [m for m in self.view.live() if m.state == "alive" and m.peer_id not in busy
                           and m.addrs and self.peer_allowed(m.peer_id)]
-            # never a peer in backoff or that said goodbye (a disconnect or a close for the degree)
+            # not a peer in backoff or that said goodbye (a disconnect or a close for the degree)...
             pool = [m for m in candidates if not self._in_backoff(m.peer_id)]
+            if not pool:  # ...unless only those are left: after both ends of several links pruned
+                # at once, a node kept one neighbour, and an island misses every rumour
+                pool = [m for m in candidates if m.peer_id in self._degree_closed
+                        and not self._dial_failed_recently(m.peer_id)]
             for m in self._rng.sample(pool, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(pool))):
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "overlay")
         elif len(neighbours) > cfg.degree:
@@ -203,20 +221,22 @@ class Gossip(Connections):
                 continue
             idle.append((rec.connected_since or wall, p))
         idle.sort()
-        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
-            victims = [p for _, p in idle][: len(neighbours) - cfg.degree]
+        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: the excess, a few a tick
+            # (the other ends prune too: closing all the excess at once left nodes with one link)
+            victims = [p for _, p in idle][: min(MAX_PRUNES_ABOVE_HIGH, len(neighbours) - cfg.degree)]
         else:
             victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
             victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
         for p in victims:
             self._blocked[p] = time.monotonic() + 30.0  # do not dial it back at once
+            self._degree_closed.add(p)
             self._on_demand.discard(p)
             self._spawn(self._close_for_degree, p)
 
     async def _close_for_degree(self, peer_id: str) -> None:
         self._farewell[peer_id] = time.monotonic()
         with contextlib.suppress(MCPPError):
-            await self.rpc.call(peer_id, "goodbye", {"reason": "degree"}, timeout_s=1)
+            await self.rpc.call(peer_id, "goodbye", {"reason": "degree", "overlay": True}, timeout_s=1)
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(peer_id))
@@ -233,6 +253,7 @@ class Gossip(Connections):
             if now - last_self >= SELF_REFRESH_S:  # also the pace of the O(N) chores
                 last_self = now
                 self.view.update_self(**self._self_info())
+                self.view.health = self.health()
                 for pid in self.view.tick(now):
                     log.info("member dead", extra=kv(peer=pid))
                 self._update_member_gauges()

@@ -29,6 +29,7 @@ incarnations), and the views merge.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -143,6 +144,9 @@ class MemberView:
         self.syncs = 0
         self.refutes = 0
         self.on_change: list[Callable[[Member], None]] = []
+        # Lifeguard's local health multiplier: >= 1, set by the node from its own event loop's
+        # lag; a node too busy to hear refutations in time waits that much longer to declare deaths
+        self.health = 1.0
         self.announce(me)
 
     # ---- reading -----------------------------------------------------------------------
@@ -163,6 +167,15 @@ class MemberView:
     def snapshot(self) -> list[dict[str, Any]]:
         return [m.wire() for m in self.members.values()]
 
+    def digest(self) -> str:
+        """Who is in the view, at which incarnation and state: two views with the same digest
+        have nothing to tell each other (a sync then costs one small message each way)."""
+        h = hashlib.blake2b(digest_size=16)
+        for pid in sorted(self.members):
+            m = self.members[pid]
+            h.update(f"{pid} {m.incarnation} {m.state}\n".encode())
+        return h.hexdigest()
+
     def statistics(self) -> MembershipStats:
         states = [m.state for pid, m in self.members.items() if pid != self.me.peer_id]
         return MembershipStats(states.count("alive"), states.count("suspect"),
@@ -170,8 +183,9 @@ class MemberView:
                                self.pushes_received, self.updates_applied, self.syncs, self.refutes)
 
     def suspicion_s(self) -> float:
-        """Lifeguard's scaling: longer in bigger meshes, where news takes more hops."""
-        return SUSPECT_MIN_S * max(1.0, math.log10(max(1, self.size())))
+        """Lifeguard's scaling: longer in bigger meshes, where news takes more hops, and on a
+        node that is itself slow (`health`)."""
+        return SUSPECT_MIN_S * max(1.0, math.log10(max(1, self.size()))) * self.health
 
     # ---- changing ----------------------------------------------------------------------
     def announce(self, me: Member) -> None:

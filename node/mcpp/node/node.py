@@ -197,6 +197,7 @@ class Node(Discovery):
         with contextlib.suppress(MCPPError):
             await self.rpc.call(pid, "goodbye", {"reason": reason}, timeout_s=1)
         self._blocked[pid] = time.monotonic() + REDIAL_BLOCK_S
+        self._degree_closed.discard(pid)
         self._farewell[pid] = time.monotonic()
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
