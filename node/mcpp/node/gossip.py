@@ -46,7 +46,6 @@ PRUNE_GRACE_S = 10.0  # below degree_high, a new link is not closed for the degr
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
 MAX_PRUNES_PER_TICK = 2
-MAX_PRUNES_ABOVE_HIGH = 4
 
 
 class Gossip(Connections):
@@ -221,9 +220,9 @@ class Gossip(Connections):
                 continue
             idle.append((rec.connected_since or wall, p))
         idle.sort()
-        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: the excess, a few a tick
-            # (the other ends prune too: closing all the excess at once left nodes with one link)
-            victims = [p for _, p in idle][: min(MAX_PRUNES_ABOVE_HIGH, len(neighbours) - cfg.degree)]
+        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
+            # (the other ends may prune too; a node left short dials back: see _overlay_tick)
+            victims = [p for _, p in idle][: len(neighbours) - cfg.degree]
         else:
             victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
             victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
