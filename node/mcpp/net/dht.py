@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
@@ -28,6 +29,30 @@ log = logging.getLogger("mcpp.dht")
 
 def capability_key(name: str) -> str:
     return f"mcpp/cap/1/{name}"
+
+
+def _no_dials_for_bucket_eviction() -> None:
+    """py-libp2p 0.8's KBucket.add_peer, when a bucket holds 20 peers, pings the bucket's oldest
+    peer with the libp2p ping protocol, which *dials* it when no connection is open; and every
+    DHT message from a new peer lands in add_peer. From about 40 nodes on, when bucket 0 fills,
+    DHT traffic became a stream of dials to peers the bounded overlay had closed (36 connections
+    outside the overlay for each overlay dial, each with its handshake, hello and later prune).
+    The oldest peer now counts as alive if a connection to it is open, as gone otherwise (it is
+    replaced by the newcomer, which just reached us): no dial. Membership (node/gossip.py) is
+    what tracks liveness; the routing table only needs peers worth asking."""
+    from libp2p.kad_dht.routing_table import KBucket
+
+    async def connected_means_alive(self: Any, peer_id: Any) -> bool:
+        try:
+            return bool(self.host.get_network().get_connections(peer_id))
+        except Exception:
+            return False
+
+    if getattr(KBucket._ping_peer, "__name__", "") != connected_means_alive.__name__:
+        setattr(KBucket, "_ping_peer", connected_means_alive)
+
+
+_no_dials_for_bucket_eviction()
 
 
 class Dht:

@@ -123,9 +123,10 @@ class Discovery(Gossip):
         if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
             self._spawn(self._provide)
         # the DHT finds the first peers; then members come by gossip and the overlay dials them:
-        # lookups (which open connections of their own) only while the overlay is short of what
-        # the members this node knows could give it, and rarely otherwise
-        want = min(self.config.degree, len(self.view.live()))
+        # lookups (which open connections of their own, to the bootstrap first) only while this
+        # node knows no member or holds fewer than degree_low links (between degree_low and
+        # degree the overlay dials gossiped members itself), and rarely otherwise
+        want = min(self.config.degree_low, len(self.view.live()))
         short = not self.view.live() or len(self.table.connected()) < want
         if not self._finding:
             forming = self._forming()
