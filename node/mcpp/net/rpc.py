@@ -221,8 +221,10 @@ class RpcEndpoint:
             del self._peer_limits[peer_id]
 
     # ---- client ------------------------------------------------------------------------
-    async def call(self, peer_id: str, method: str, params: Any = None, timeout_s: float | None = None) -> Any:
-        """Call `method` on `peer_id` and return its result.
+    async def call(self, peer_id: str, method: str, params: Any = None, timeout_s: float | None = None,
+                   dial: bool = True) -> Any:
+        """Call `method` on `peer_id` and return its result. dial=False: only over a connection that
+        is open already (gossip and pings to a neighbour that just left must not dial it back).
 
         Raises:
             RPCTimeout: no answer within timeout_s (default: the endpoint's).
@@ -236,7 +238,7 @@ class RpcEndpoint:
             self.traffic_of(peer_id).last_work = time.monotonic()
         try:
             with trio.fail_after(timeout):
-                result = await self._call(peer_id, method, params)
+                result = await self._call(peer_id, method, params, dial)
             outcome = "ok"
             self.traffic_of(peer_id).calls_ok += 1
             return result
@@ -253,7 +255,7 @@ class RpcEndpoint:
             if self._on_call is not None:
                 self._on_call(peer_id, method, outcome, time.perf_counter() - t0)
 
-    async def _channel(self, peer_id: str) -> _Channel:
+    async def _channel(self, peer_id: str, dial: bool = True) -> _Channel:
         ch = self._channels.get(peer_id)
         if ch is not None and not ch.closed:
             return ch
@@ -264,6 +266,8 @@ class RpcEndpoint:
                 return ch
             if self._nursery is None:
                 raise StreamBroken(peer_id, "rpc endpoint is not running")
+            if not dial and not self._host.get_network().get_connections(ID.from_base58(peer_id)):
+                raise StreamBroken(peer_id, "not connected (and not to be dialed for this call)")
             if self._connect is not None:
                 await self._connect(peer_id)  # the owner's dial policy, not libp2p's 60 s negative cache
             try:
@@ -275,8 +279,8 @@ class RpcEndpoint:
             self._nursery.start_soon(self._read_responses, ch)
             return ch
 
-    async def _call(self, peer_id: str, method: str, params: Any) -> Any:
-        ch = await self._channel(peer_id)
+    async def _call(self, peer_id: str, method: str, params: Any, dial: bool = True) -> Any:
+        ch = await self._channel(peer_id, dial)
         rid = self._next_id
         self._next_id += 1
         try:

@@ -44,6 +44,14 @@ MAX_HEALTH = 8.0  # ...up to this (Lifeguard's LHM: a slow node is slow to accus
 LAG_DECAY = 0.9  # per watch tick: a lag peak fades to a tenth in ~5 s
 FAREWELL_S = 10.0
 MAX_HELLO_FAILURES = 2  # hellos in a row without an answer on one connection: it is closed
+# a connection this node did not open and that got no hello this long (x local health) is
+# libp2p's own (a DHT lookup or provide from the other side): closed, never made a link
+UNNAMED_CLOSE_S = 15.0
+ADMITTED_SOURCES = frozenset({"overlay", "dht"})
+
+
+class OverlayFull(PeerUnreachable):
+    """The dialed peer holds degree_high links already and declined one more for the overlay."""
 
 
 @dataclass
@@ -71,13 +79,29 @@ class Connections(NodeCore):
         self._hello_failures: dict[str, int] = {}
         self.loop_lag_s = 0.0
         self._degree_closed: set[str] = set()  # blocked links closed for the overlay's degree (not by a user)
+        # Who says hello: the node that opened a connection (our dials and on-demand calls: these
+        # ids), never the other end, and nobody on the connections the DHT opens for a lookup or
+        # a provide (a forming 50-node mesh opens thousands: each hello'd, synced, pinged and
+        # pruned again took the whole machine)
+        self._opened: set[str] = set()
+        self._unnamed_since: dict[str, float] = {}
         self.rpc.register("hello", self._on_hello, background=True)
         self.rpc.register("goodbye", self._on_goodbye, background=True)
 
     async def _on_hello(self, peer_id: str, params: Any) -> Any:
         if isinstance(params, dict):
-            await self._apply_hello(peer_id, params, source="inbound")
+            if params.get("overlay") is True and self._overlay_full():
+                # HyParView's admission: a node at degree_high declines overlay links (the dialer
+                # closes the connection and tries another member) instead of taking them and
+                # pruning others, which left those short and set off a cascade of dials
+                return {"full": True}
+            via = params.get("via")
+            await self._apply_hello(peer_id, params, source=f"in:{via}" if isinstance(via, str) else "inbound")
         return self.info()
+
+    def _overlay_full(self) -> bool:
+        """Whether this node declines more overlay links (see gossip.py)."""
+        return False
 
     async def _on_goodbye(self, peer_id: str, params: Any) -> Any:
         self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
@@ -201,10 +225,20 @@ class Connections(NodeCore):
         done = self._hello_inflight[peer_id] = trio.Event()
         asked_at = time.time()
         try:
-            info = await self.rpc.call(peer_id, "hello", self.info(), timeout_s=timeout_s)
+            # links the overlay or the DHT asks for are subject to the other end's admission; a
+            # bootstrap dial, a user's, a re-check or a partition's reconnect are not
+            params = {**self.info(), "via": source, **({"overlay": True} if source in ADMITTED_SOURCES else {})}
+            info = await self.rpc.call(peer_id, "hello", params, timeout_s=timeout_s, dial=False)
+            if isinstance(info, dict) and info.get("full") is True:
+                self._blocked[peer_id] = time.monotonic() + REDIAL_BLOCK_S
+                self._degree_closed.add(peer_id)
+                self._spawn(self._drop_connection, peer_id, "declined: full")
+                raise OverlayFull(peer_id, "it holds degree_high links already")
             if isinstance(info, dict):
                 await self._apply_hello(peer_id, info, source)
             self._hello_failures.pop(peer_id, None)
+        except OverlayFull:
+            raise
         except MCPPError as e:
             log.debug("hello failed", extra=kv(peer=peer_id, error=str(e)))
             rec = self.table.get(peer_id)
@@ -218,12 +252,13 @@ class Connections(NodeCore):
                 # that stalls): close it, so that the next dial starts afresh
                 self._hello_failures.pop(peer_id, None)
                 log.info("closing a connection that does not answer hello", extra=kv(peer=peer_id))
-                self._spawn(self._drop_connection, peer_id)
+                self._spawn(self._drop_connection, peer_id, "no hello")
         finally:
             del self._hello_inflight[peer_id]
             done.set()
 
-    async def _drop_connection(self, peer_id: str) -> None:
+    async def _drop_connection(self, peer_id: str, why: str) -> None:
+        log.debug("closing a connection", extra=kv(peer=peer_id, why=why))
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(peer_id))
@@ -234,6 +269,7 @@ class Connections(NodeCore):
         with dial_errors(peer_id):
             pid = ID.from_base58(peer_id)
         await self._connect(pid, addrs, timeout_s)
+        self._opened.add(peer_id)
         await self._hello(peer_id, source, max(0.1, deadline - trio.current_time()))
 
     async def _connect(self, pid: ID, addrs: list[str], timeout_s: float) -> None:
@@ -348,17 +384,31 @@ class Connections(NodeCore):
                     live.discard(pid)
                     if pid not in self._refusing:
                         self._spawn(self._refuse, pid)
+            self._opened &= live | self._dialing
+            now = time.monotonic()
             for pid in live:
                 rec = self.table.get(pid)
-                if (rec is None or not rec.hello_done) and pid not in self._hello_inflight:
+                if rec is not None and rec.hello_done or pid in self._hello_inflight or pid in self._dialing:
+                    self._unnamed_since.pop(pid, None)
+                elif pid in self._opened:  # ours: hello it (again, if the one in dial() failed)
                     self._spawn(self._hello, pid, "inbound")
+                else:  # theirs: wait for their hello; libp2p's own or a call's: closed once idle
+                    since = self._unnamed_since.setdefault(pid, now)
+                    traffic = self.rpc.traffic.get(pid)
+                    if traffic is not None:  # (last_in is wall-clock time, last_work monotonic)
+                        since = max(since, traffic.last_work, now - (time.time() - traffic.last_in))
+                    if now - since > UNNAMED_CLOSE_S * self.health():
+                        del self._unnamed_since[pid]
+                        self.rpc.traffic.pop(pid, None)
+                        self._spawn(self._drop_connection, pid, "unnamed")
+            for pid in [p for p in self._unnamed_since if p not in live]:
+                del self._unnamed_since[pid]
             for rec in self.table.connected():
                 if rec.peer_id not in live:
                     self._lost(rec.peer_id, "connection closed")
             for rec in self.table.all():
                 if rec.persistent and not rec.connected and not self._in_backoff(rec.peer_id):
                     self._spawn(self._background_dial, rec.peer_id, rec.multiaddrs, "persistent")
-            now = time.monotonic()
             for pid, t in list(self._gone.items()):
                 if now - t > GONE_MEMORY_S:
                     del self._gone[pid]
@@ -395,7 +445,7 @@ class Connections(NodeCore):
         self._ping_inflight.add(pid)
         rec.last_ping_sent = time.monotonic()
         try:
-            rtt = await self.ping(pid, timeout_s=self.config.peer_timeout_s * self.health())
+            rtt = await self.ping(pid, timeout_s=self.config.peer_timeout_s * self.health(), dial=False)
             rec.add_rtt(rtt)
         except MCPPError:
             rec.ping_failures += 1

@@ -134,10 +134,10 @@ class NodeCore:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    async def ping(self, peer_id: str, timeout_s: float | None = None) -> float:
+    async def ping(self, peer_id: str, timeout_s: float | None = None, dial: bool = True) -> float:
         """RTT in ms of one RPC ping, timed with perf_counter_ns."""
         t0 = time.perf_counter_ns()
-        await self.rpc.call(peer_id, "ping", None, timeout_s=timeout_s)
+        await self.rpc.call(peer_id, "ping", None, timeout_s=timeout_s, dial=dial)
         return (time.perf_counter_ns() - t0) / 1e6
 
     async def wait_peers(self, n: int) -> None:

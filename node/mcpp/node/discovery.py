@@ -18,6 +18,7 @@ from mcpp.metrics import NodeMetrics
 from mcpp.net.dht import MESH_KEY, Dht, capability_key
 from mcpp.net.p2p import IHost
 from mcpp.node.gossip import Gossip
+from mcpp.node.connections import MAX_BACKOFF_S
 from mcpp.node.core import parse_bootstrap
 
 __all__ = ["Discovery"]
@@ -113,8 +114,12 @@ class Discovery(Gossip):
             if pid == self.peer_id or (rec is not None and rec.connected) or pid in self._dialing:
                 continue
             backoff = self._backoff.get(pid)
-            if backoff is not None and time.monotonic() < backoff.until:
-                continue  # (a goodbye's redial block does not apply: a lonely node needs the way in)
+            now = time.monotonic()
+            # (a goodbye's redial block does not apply: a lonely node needs the way in, and it
+            # tries it at least every MAX_BACKOFF_S, whatever a failed re-check said)
+            if backoff is not None and now < backoff.until and not (
+                    lonely and now - (backoff.until - backoff.delay_s) >= MAX_BACKOFF_S):
+                continue
             if lonely or member is None or not member.live:
                 self._spawn(self._background_dial, pid, [addr], "bootstrap")
         if not self.table.connected():

@@ -42,7 +42,8 @@ log = logging.getLogger("mcpp.node")
 OVERLAY_S = 1.0
 SELF_REFRESH_S = 0.5
 IDLE_S = 10.0  # a link that carried no work (calls other than pings and gossip) this long is idle
-PRUNE_GRACE_S = 10.0  # below degree_high, a new link is not closed for the degree before this age
+PRUNE_GRACE_S = 10.0
+JOIN_GRACE_S = 5.0  # above degree_high, a link is not closed for the degree before this age  # below degree_high, a new link is not closed for the degree before this age
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
 MAX_PRUNES_PER_TICK = 2
@@ -58,6 +59,8 @@ class Gossip(Connections):
                                       self.role, tuple(self.advertised_capabilities()), self.mcp_url, None))
         self._rng = random.Random()
         self._probing: set[str] = set()
+        self._pushing: set[str] = set()  # neighbours with a push in flight
+        self._push_pending: dict[str, dict[str, dict[str, Any]]] = {}  # neighbour -> member id -> update
         self._last_reconnect = time.monotonic()
         self.rpc.register("m.push", self._on_push, background=True)
         self.rpc.register("m.sync", self._on_sync, background=True)
@@ -68,6 +71,9 @@ class Gossip(Connections):
     # ---- facts -------------------------------------------------------------------------
     def neighbours(self) -> list[str]:
         return [r.peer_id for r in self.table.connected() if r.hello_done]
+
+    def _overlay_full(self) -> bool:
+        return len(self.neighbours()) >= self.config.degree_high
 
     def members(self) -> list[str]:
         """The live members this node knows (alive, not suspect), itself excluded."""
@@ -127,24 +133,47 @@ class Gossip(Connections):
         (every link, since news pushed before it existed never crossed it) or the periodic
         sync between views that agree costs two small messages, not two whole views."""
         try:
-            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=5)
+            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=5, dial=False)
             self.metrics.gossip_messages.labels("sync_out").inc()
             if not isinstance(answer, dict) or answer.get("same") is True:
                 return
             self.view.receive_sync(peer_id, answer.get("members"))
-            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=5)
+            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=5, dial=False)
         except MCPPError as e:
             log.debug("sync failed", extra=kv(peer=peer_id, error=str(e)))
             return
         if isinstance(answer, dict):
             self.view.receive_sync(peer_id, answer.get("members"))
 
-    async def _push(self, peer_id: str, updates: list[dict[str, Any]]) -> None:
+    def _queue_push(self, peer_id: str, updates: list[dict[str, Any]]) -> None:
+        """At most one push in flight per neighbour: what comes meanwhile waits and goes in the
+        next one (the newest news of each member only). A slow neighbour gets fewer, bigger
+        pushes instead of a pile of concurrent ones (which starved 50 nodes forming on 2 cores)."""
+        pending = self._push_pending.setdefault(peer_id, {})
+        for u in updates:
+            pending[u["id"]] = u
+        if peer_id not in self._pushing:
+            self._pushing.add(peer_id)
+            self._spawn(self._push, peer_id)
+
+    async def _push(self, peer_id: str) -> None:
         try:
-            await self.rpc.call(peer_id, "m.push", {"updates": updates}, timeout_s=5)
+            while pending := self._push_pending.pop(peer_id, None):
+                if not await self._send_push(peer_id, list(pending.values())):
+                    self._push_pending.pop(peer_id, None)  # what it missed comes with the next sync
+                    return
+                await trio.sleep(GOSSIP_S)
+        finally:
+            self._pushing.discard(peer_id)
+
+    async def _send_push(self, peer_id: str, updates: list[dict[str, Any]]) -> bool:
+        try:
+            await self.rpc.call(peer_id, "m.push", {"updates": updates}, timeout_s=5, dial=False)
             self.metrics.gossip_messages.labels("push_out").inc()
+            return True
         except MCPPError as e:
             log.debug("push failed", extra=kv(peer=peer_id, error=str(e)))
+            return False
 
     async def _check_unreachable(self, peer_id: str) -> None:
         """A connection to a member broke: probe it directly, then through up to INDIRECT_PROBES
@@ -164,7 +193,7 @@ class Gossip(Connections):
                 nonlocal reached
                 with contextlib.suppress(MCPPError):
                     r = await self.rpc.call(helper, "m.probe", {"target": peer_id},
-                                            timeout_s=2 * PROBE_TIMEOUT_S * self.health())
+                                            timeout_s=2 * PROBE_TIMEOUT_S * self.health(), dial=False)
                     if isinstance(r, dict) and r.get("ok") is True:
                         reached = True
 
@@ -221,8 +250,11 @@ class Gossip(Connections):
             idle.append((rec.connected_since or wall, p))
         idle.sort()
         if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
-            # (the other ends may prune too; a node left short dials back: see _overlay_tick)
-            victims = [p for _, p in idle][: len(neighbours) - cfg.degree]
+            # (the other ends may prune too; a node left short dials back: see _overlay_tick), but
+            # not a link younger than JOIN_GRACE_S: a joiner's first and only link, before it
+            # synced and dialed members of its own (closing it left the joiner alone for 30 s)
+            young = wall - JOIN_GRACE_S * self.health()
+            victims = [p for since, p in idle if since < young][: len(neighbours) - cfg.degree]
         else:
             victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
             victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
@@ -235,7 +267,7 @@ class Gossip(Connections):
     async def _close_for_degree(self, peer_id: str) -> None:
         self._farewell[peer_id] = time.monotonic()
         with contextlib.suppress(MCPPError):
-            await self.rpc.call(peer_id, "goodbye", {"reason": "degree", "overlay": True}, timeout_s=1)
+            await self.rpc.call(peer_id, "goodbye", {"reason": "degree", "overlay": True}, timeout_s=1, dial=False)
         with contextlib.suppress(Exception):
             with trio.move_on_after(2):
                 await self.host.disconnect(ID.from_base58(peer_id))
@@ -258,7 +290,7 @@ class Gossip(Connections):
                 self._update_member_gauges()
             neighbours = self.neighbours()
             for pid, updates in self.view.take_outbox(neighbours).items():
-                self._spawn(self._push, pid, updates)
+                self._queue_push(pid, updates)
             if neighbours and now - last_sync >= SYNC_S:
                 last_sync = now
                 self._spawn(self._sync_with, self._rng.choice(neighbours))
@@ -280,4 +312,4 @@ class Gossip(Connections):
         with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_S):
             async with trio.open_nursery() as n:
                 for pid, updates in outbox.items():
-                    n.start_soon(self._push, pid, updates)
+                    n.start_soon(self._send_push, pid, updates)
