@@ -209,9 +209,10 @@ class Replicator:
             log.info("active tasks copied to new replicas", extra=kv(peers=peers, tasks=len(recs)))
 
     async def _reconcile(self, peer: str) -> None:
-        """A peer (re)joined: drop my tasks that it adopted while I was away. Only active tasks
-        are ever adopted, so a node without any asks nothing (a forming mesh opens many links)."""
-        if not self.q.store.has_active():
+        """A peer (re)joined: drop my tasks that it adopted while I was away (a returning owner may
+        have run some again meanwhile: they are dropped too). A node that holds no task asks
+        nothing (a forming mesh opens many links, and the call counted as work on each)."""
+        if self.q.store.is_empty():
             return
         try:
             ids = await self.q.call(peer, "r.adopted", {}, 10.0)

@@ -205,10 +205,8 @@ class TaskStore:
         for row in self._db.execute(q).fetchall():
             yield _from_row(row)
 
-    def has_active(self) -> bool:
-        """Whether any task is blocked, queued or running."""
-        q = "SELECT 1 FROM tasks WHERE status IN ('blocked','queued','running') LIMIT 1"
-        return self._db.execute(q).fetchone() is not None
+    def is_empty(self) -> bool:
+        return self._db.execute("SELECT 1 FROM tasks LIMIT 1").fetchone() is None
 
     def select(self, flt: TaskFilter, limit: int, offset: int) -> tuple[list[TaskRecord], int]:
         where, args = flt.where()
