@@ -127,12 +127,10 @@ class Discovery(Gossip):
         now = time.monotonic()
         if not self._providing and (self._last_provide == 0.0 or now - self._last_provide > self._reprovide_s()):
             self._spawn(self._provide)
-        # the DHT finds the first peers; then members come by gossip and the overlay dials them:
-        # lookups (which open connections of their own, to the bootstrap first) only while this
-        # node knows no member or holds fewer than degree_low links (between degree_low and
-        # degree the overlay dials gossiped members itself), and rarely otherwise
-        want = min(self.config.degree_low, len(self.view.live()))
-        short = not self.view.live() or len(self.table.connected()) < want
+        # the DHT finds the first peers; then members come by gossip and the overlay dials them
+        # (gossip.py): lookups (which open connections of their own, closed again once idle) only
+        # while this node knows no member, and rarely otherwise (two meshes that never met)
+        short = not self.view.live()
         if not self._finding:
             forming = self._forming()
             every = (EARLY_NETWORK_FIND_S if forming else NETWORK_FIND_S) if short else HEAL_FIND_S

@@ -43,7 +43,9 @@ OVERLAY_S = 1.0
 SELF_REFRESH_S = 0.5
 IDLE_S = 10.0  # a link that carried no work (calls other than pings and gossip) this long is idle
 PRUNE_GRACE_S = 10.0
-JOIN_GRACE_S = 5.0  # above degree_high, a link is not closed for the degree before this age  # below degree_high, a new link is not closed for the degree before this age
+JOIN_GRACE_S = 5.0
+GOODBYE_TIMEOUT_S = 2.0  # x local health
+RPC_TIMEOUT_S = 5.0  # pushes and syncs, x local health  # above degree_high, a link is not closed for the degree before this age  # below degree_high, a new link is not closed for the degree before this age
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
 MAX_PRUNES_PER_TICK = 2
@@ -60,6 +62,7 @@ class Gossip(Connections):
         self._rng = random.Random()
         self._probing: set[str] = set()
         self._pushing: set[str] = set()  # neighbours with a push in flight
+        self._closing: set[str] = set()  # neighbours closed for the degree, goodbye under way
         self._push_pending: dict[str, dict[str, dict[str, Any]]] = {}  # neighbour -> member id -> update
         self._last_reconnect = time.monotonic()
         self.rpc.register("m.push", self._on_push, background=True)
@@ -133,12 +136,12 @@ class Gossip(Connections):
         (every link, since news pushed before it existed never crossed it) or the periodic
         sync between views that agree costs two small messages, not two whole views."""
         try:
-            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=5, dial=False)
+            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
             self.metrics.gossip_messages.labels("sync_out").inc()
             if not isinstance(answer, dict) or answer.get("same") is True:
                 return
             self.view.receive_sync(peer_id, answer.get("members"))
-            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=5, dial=False)
+            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
         except MCPPError as e:
             log.debug("sync failed", extra=kv(peer=peer_id, error=str(e)))
             return
@@ -168,7 +171,7 @@ class Gossip(Connections):
 
     async def _send_push(self, peer_id: str, updates: list[dict[str, Any]]) -> bool:
         try:
-            await self.rpc.call(peer_id, "m.push", {"updates": updates}, timeout_s=5, dial=False)
+            await self.rpc.call(peer_id, "m.push", {"updates": updates}, timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
             self.metrics.gossip_messages.labels("push_out").inc()
             return True
         except MCPPError as e:
@@ -242,6 +245,7 @@ class Gossip(Connections):
         (task dispatch, forwarded calls) are never closed for the degree."""
         cfg = self.config
         wall, mono = time.time(), time.monotonic()
+        neighbours = [p for p in neighbours if p not in self._closing]  # (their goodbye is under way)
         idle = []
         for p in neighbours:
             rec = self.table.get(p)
@@ -265,14 +269,26 @@ class Gossip(Connections):
             self._spawn(self._close_for_degree, p)
 
     async def _close_for_degree(self, peer_id: str) -> None:
+        """Goodbye, then close. A link whose goodbye gets no answer stays open (a later tick may
+        try again): closed without one, the other end probed us and, on a loaded machine,
+        suspected us, and every suspicion and refutation crossed the whole mesh."""
+        self._closing.add(peer_id)
         self._farewell[peer_id] = time.monotonic()
-        with contextlib.suppress(MCPPError):
-            await self.rpc.call(peer_id, "goodbye", {"reason": "degree", "overlay": True}, timeout_s=1, dial=False)
-        with contextlib.suppress(Exception):
-            with trio.move_on_after(2):
-                await self.host.disconnect(ID.from_base58(peer_id))
-        self._lost(peer_id, "closed: above the degree bound", gone=False)
-        self.metrics.gossip_messages.labels("prune").inc()
+        try:
+            await self.rpc.call(peer_id, "goodbye", {"reason": "degree", "overlay": True},
+                                timeout_s=GOODBYE_TIMEOUT_S * self.health(), dial=False)
+        except MCPPError:
+            self._farewell.pop(peer_id, None)
+            self._closing.discard(peer_id)
+            return
+        try:
+            with contextlib.suppress(Exception):
+                with trio.move_on_after(2):
+                    await self.host.disconnect(ID.from_base58(peer_id))
+            self._lost(peer_id, "closed: above the degree bound", gone=False)
+            self.metrics.gossip_messages.labels("prune").inc()
+        finally:
+            self._closing.discard(peer_id)
 
     # ---- loops -------------------------------------------------------------------------
     async def _gossip_loop(self) -> None:
