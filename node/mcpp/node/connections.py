@@ -335,7 +335,9 @@ class Connections(NodeCore):
         try:
             # the hello gets its own time: a handshake that took 4 s of a loaded machine left the
             # hello 1 s, and 300 of 800 hellos of a forming 30-node mesh timed out
-            await self.dial(peer_id, addrs, source, hello_timeout_s=HELLO_TIMEOUT_S * self.health())
+            # (3x for the way in: a bootstrap answers every joiner of a mesh that starts at once)
+            patience = 3.0 if source == "bootstrap" else 1.0
+            await self.dial(peer_id, addrs, source, hello_timeout_s=patience * HELLO_TIMEOUT_S * self.health())
         except (PeerUnreachable, trio.TooSlowError, MCPPError) as e:
             self._fail_backoff(peer_id)
             rec = self.table.get(peer_id)

@@ -110,8 +110,8 @@ class Gossip(Connections):
             if params.get("digest") == self.view.digest():
                 return {"same": True}
             return {"members": self.view.snapshot()}
-        self.view.receive_sync(peer_id, params.get("members") if isinstance(params, dict) else None)
-        return {"members": self.view.snapshot()}
+        # the push half of a push-pull: the caller has this node's view from the digest's answer
+        return {"applied": self.view.receive_sync(peer_id, params.get("members") if isinstance(params, dict) else None)}
 
     async def _on_probe(self, peer_id: str, params: Any) -> Any:
         target = params.get("target") if isinstance(params, dict) else None
@@ -125,7 +125,8 @@ class Gossip(Connections):
 
     # ---- hooks from connection management ----------------------------------------------
     def _neighbour_joined(self, peer_id: str) -> None:
-        self._spawn(self._sync_with, peer_id)
+        if peer_id in self._opened:  # one push-pull per new link, by the end that opened it
+            self._spawn(self._sync_with, peer_id)
 
     def _neighbour_left(self, peer_id: str, unexpected: bool) -> None:
         if unexpected:
@@ -136,17 +137,16 @@ class Gossip(Connections):
         (every link, since news pushed before it existed never crossed it) or the periodic
         sync between views that agree costs two small messages, not two whole views."""
         try:
-            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()}, timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
+            answer = await self.rpc.call(peer_id, "m.sync", {"digest": self.view.digest()},
+                                         timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
             self.metrics.gossip_messages.labels("sync_out").inc()
             if not isinstance(answer, dict) or answer.get("same") is True:
                 return
             self.view.receive_sync(peer_id, answer.get("members"))
-            answer = await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()}, timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
+            await self.rpc.call(peer_id, "m.sync", {"members": self.view.snapshot()},
+                                timeout_s=RPC_TIMEOUT_S * self.health(), dial=False)
         except MCPPError as e:
             log.debug("sync failed", extra=kv(peer=peer_id, error=str(e)))
-            return
-        if isinstance(answer, dict):
-            self.view.receive_sync(peer_id, answer.get("members"))
 
     def _queue_push(self, peer_id: str, updates: list[dict[str, Any]]) -> None:
         """At most one push in flight per neighbour: what comes meanwhile waits and goes in the
@@ -305,7 +305,12 @@ class Gossip(Connections):
                     log.info("member dead", extra=kv(peer=pid))
                 self._update_member_gauges()
             neighbours = self.neighbours()
-            for pid, updates in self.view.take_outbox(neighbours).items():
+            # pushes go to at most degree_high neighbours a tick: a bootstrap holding every
+            # joiner's link for a moment pushed each piece of news to all of them and starved
+            # (joiners get the view from their first sync; links above degree_high are pruned)
+            targets = neighbours if len(neighbours) <= self.config.degree_high else self._rng.sample(
+                neighbours, self.config.degree_high)
+            for pid, updates in self.view.take_outbox(targets).items():
                 self._queue_push(pid, updates)
             if neighbours and now - last_sync >= SYNC_S:
                 last_sync = now

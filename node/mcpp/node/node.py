@@ -42,6 +42,7 @@ __all__ = ["Node", "build_node", "open_node", "PEER_STATUSES", "SORT_KEYS"]
 
 log = logging.getLogger("mcpp.node")
 
+BOOTSTRAP_CONNECTIONS_FACTOR = 4  # a bootstrap's libp2p connection cap is this x max_connections
 PEER_STATUSES = ("connected", "known", "all", "members")
 SORT_KEYS = ("latency", "last_seen", "peer_id", "reputation")
 IDENTITY_FILE = "identity.key"  # in data_dir, when no identity is configured
@@ -409,8 +410,11 @@ async def build_node(config: NodeConfig) -> AsyncIterator[Node]:
     # without --identity the key lives with the data: a restarted node is the same peer, and
     # still owns the tasks and workflows its database holds
     kp = identity.load_or_generate(config.identity or os.path.join(config.data_dir, IDENTITY_FILE))
+    # a bootstrap takes every joiner's first connection (100 joiners at once: 48 were refused at
+    # a cap of 64 and never got in); they are pruned within seconds of the joiner's first sync
+    cap = config.max_connections * (BOOTSTRAP_CONNECTIONS_FACTOR if config.role == "bootstrap" else 1)
     host = make_host(kp, announce=config.announce or _wildcard_announce(config.listen_addr), psk=config.swarm_key,
-                     max_connections=config.max_connections)
+                     max_connections=cap)
     metrics = NodeMetrics()
     try:
         async with host.run([multiaddr.Multiaddr(config.listen_addr)]):
