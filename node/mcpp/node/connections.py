@@ -75,7 +75,6 @@ class Connections(NodeCore):
         self._demand_failed: dict[str, float] = {}
         self._first_seen: dict[str, float] = {}
         self._farewell: dict[str, float] = {}  # peer id -> when a goodbye was said (by either side)
-        self._on_demand: set[str] = set()  # links this node opened for a call, not for the overlay
         self._hello_failures: dict[str, int] = {}
         self.loop_lag_s = 0.0
         self._degree_closed: set[str] = set()  # blocked links closed for the overlay's degree (not by a user)
@@ -165,7 +164,6 @@ class Connections(NodeCore):
         self._first_seen.pop(peer_id, None)
         # the connection closes after a goodbye (either way): not a failure to look into
         said_goodbye = time.monotonic() - self._farewell.pop(peer_id, -1e9) < FAREWELL_S
-        self._on_demand.discard(peer_id)
         for hook in self.peer_left_hooks:
             hook(peer_id, gone and not said_goodbye)
         if gone and not (rec is not None and rec.persistent):  # persistent ones: _watch_loop redials
@@ -316,7 +314,6 @@ class Connections(NodeCore):
             self._demand_failed[peer_id] = time.monotonic()
             raise
         self._demand_failed.pop(peer_id, None)
-        self._on_demand.add(peer_id)
 
     def _addrs_hint(self, peer_id: str) -> list[str]:
         """Addresses known for a peer beyond the table and the peerstore (members: see gossip.py)."""

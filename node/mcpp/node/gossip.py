@@ -4,7 +4,8 @@ the protocol and the rules).
 This part of the node moves membership messages (`m.push`, `m.sync`, `m.probe`), turns broken
 connections into probes and suspicions, and keeps the overlay's degree (GossipSub's hysteresis):
 below `degree_low` neighbours it dials members up to `degree`; above `degree_high` it closes idle
-links down to `degree`; links it opened on demand close when idle. See core.py for how `Node`
+links down to `degree` (connections opened for one call are not links: connections.py closes
+them once idle). See core.py for how `Node`
 is layered.
 """
 
@@ -42,13 +43,11 @@ log = logging.getLogger("mcpp.node")
 OVERLAY_S = 1.0
 SELF_REFRESH_S = 0.5
 IDLE_S = 10.0  # a link that carried no work (calls other than pings and gossip) this long is idle
-PRUNE_GRACE_S = 10.0
 JOIN_GRACE_S = 5.0
 GOODBYE_TIMEOUT_S = 2.0  # x local health
 RPC_TIMEOUT_S = 5.0  # pushes and syncs, x local health  # above degree_high, a link is not closed for the degree before this age  # below degree_high, a new link is not closed for the degree before this age
 LEAVE_S = 0.5  # a clean stop waits this long at most for its `left` pushes
 MAX_DIALS_PER_TICK = 4
-MAX_PRUNES_PER_TICK = 2
 
 
 class Gossip(Connections):
@@ -211,8 +210,8 @@ class Gossip(Connections):
     # ---- the overlay -------------------------------------------------------------------
     def _overlay_tick(self) -> None:
         """GossipSub's hysteresis: below `degree_low` dial members up to `degree`; above
-        `degree_high` close idle links down to `degree`; on-demand links this node opened close
-        when idle and the node has `degree` others."""
+        `degree_high` close idle links down to `degree` (connections opened for one call are
+        not links: connections.py closes them once idle)."""
         neighbours = self.neighbours()
         cfg = self.config
         if len(neighbours) < cfg.degree_low:
@@ -227,7 +226,7 @@ class Gossip(Connections):
                         and not self._dial_failed_recently(m.peer_id)]
             for m in self._rng.sample(pool, min(cfg.degree - len(neighbours), MAX_DIALS_PER_TICK, len(pool))):
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "overlay")
-        elif len(neighbours) > cfg.degree:
+        elif len(neighbours) > cfg.degree_high:
             self._prune(neighbours)
         now = time.monotonic()
         if now - self._last_reconnect >= RECONNECT_S:
@@ -240,32 +239,28 @@ class Gossip(Connections):
                 self._spawn(self._background_dial, m.peer_id, list(m.addrs), "reconnect")
 
     def _prune(self, neighbours: list[str]) -> None:
-        """Close idle links, oldest first: above `degree_high` down to `degree`, and between
-        `degree` and `degree_high` the on-demand links this node opened. Links that carry work
-        (task dispatch, forwarded calls) are never closed for the degree."""
+        """Above `degree_high` (a bootstrap while a mesh forms, links admission did not see),
+        close idle links, oldest first, down to `degree`, all the excess at once (the other ends
+        may prune too; a node left short dials back: see _overlay_tick). Not a link younger than
+        JOIN_GRACE_S: a joiner's first and only link, before it synced and dialed members of its
+        own (closing it left the joiner alone for 30 s). Links that carry work (task dispatch,
+        forwarded calls) are never closed for the degree."""
         cfg = self.config
         wall, mono = time.time(), time.monotonic()
         neighbours = [p for p in neighbours if p not in self._closing]  # (their goodbye is under way)
+        young = wall - JOIN_GRACE_S * self.health()
         idle = []
         for p in neighbours:
             rec = self.table.get(p)
             if rec is None or rec.persistent or mono - self.rpc.traffic_of(p).last_work < IDLE_S:
                 continue
-            idle.append((rec.connected_since or wall, p))
+            since = rec.connected_since or wall
+            if since < young:
+                idle.append((since, p))
         idle.sort()
-        if len(neighbours) > cfg.degree_high:  # e.g. a bootstrap while a mesh forms: all the excess at once
-            # (the other ends may prune too; a node left short dials back: see _overlay_tick), but
-            # not a link younger than JOIN_GRACE_S: a joiner's first and only link, before it
-            # synced and dialed members of its own (closing it left the joiner alone for 30 s)
-            young = wall - JOIN_GRACE_S * self.health()
-            victims = [p for since, p in idle if since < young][: len(neighbours) - cfg.degree]
-        else:
-            victims = [p for since, p in idle if p in self._on_demand and wall - since > PRUNE_GRACE_S]
-            victims = victims[: min(MAX_PRUNES_PER_TICK, len(neighbours) - cfg.degree)]
-        for p in victims:
+        for _, p in idle[: max(0, len(neighbours) - cfg.degree)]:
             self._blocked[p] = time.monotonic() + 30.0  # do not dial it back at once
             self._degree_closed.add(p)
-            self._on_demand.discard(p)
             self._spawn(self._close_for_degree, p)
 
     async def _close_for_degree(self, peer_id: str) -> None:
