@@ -441,6 +441,18 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{f['idle_cpu_percent_mean']} / {f['idle_cpu_percent_max']} %, "
                          f"{f['idle_cpu_percent_whole_mesh']} % of one core; {f['links_per_node_mean']} / "
                          f"{f['links_per_node_max']} | <= 1.0 % per node, flat in N |")
+    lm = r.get("large_mesh")
+    if lm and "placement" in lm:
+        pl = lm["placement"]
+        lines += [
+            f"| 50 nodes: {pl['tasks']} sleep tasks of 1 s from node-0 (MCP): submitted in / all finished after first "
+            f"submit; distinct workers | {pl['submitted_in_s']} / {pl['all_finished_after_first_submit_s']} s; "
+            f"{pl['distinct_workers']} | all within 6 s, >= 30 workers |",
+            *(f"| 50 nodes: {label} gone from every view / rejoined known by all after ready (from the members' logs) | "
+              f"{lm[k]['gone_from_every_view_s']} / {lm[k]['known_by_every_member_after_ready_s']} s | {target} |"
+              for k, label, target in (("kill9", "kill -9", "< 5 s / < 3 s"), ("sigterm", "SIGTERM", "< 1 s / < 3 s"))
+              if k in lm),
+        ]
     for s in r.get("membership_sim", []):
         lines.append(f"| simulated {s['nodes']:,} nodes, {s['event']}, {s['loss']:.0%} loss: 50 % / 99.9 % know after; "
                      f"messages / bytes per node | {s['t50_s']} / {s['t999_s']} s"
@@ -590,6 +602,12 @@ def run(args: argparse.Namespace) -> int:
             with console.status("membership at 1,000 and 10,000 nodes (simulated transport, virtual clock)"):
                 results["membership_sim"] = _guard(lambda: {"runs": measure_membership_sim()}, {}).get("runs", [])
             console.print(f"membership simulation: {len(results['membership_sim'])} runs")
+        if not quick:
+            from mcpp.evidence.bench_scale import measure_large_mesh
+
+            with console.status("50 nodes at work: 200 tasks from one node, kill -9, SIGTERM, rejoin"):
+                results["large_mesh"] = _guard(lambda: measure_large_mesh(tmp, 50), {"nodes": 50})
+            console.print(f"large mesh: {results['large_mesh']}")
         if not quick:  # 20 cold execs take ~25 s on 2 cores
             with console.status("mesh formation, 20 nodes, each exec'd cold"):
                 results["formation_cold_20"] = _guard(lambda: measure_cluster(tmp, 20, 0, fork_server=False),

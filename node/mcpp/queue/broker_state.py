@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class BrokerState:
         self._busy_until: dict[str, float] = {}
         self._worker_free: dict[str, tuple[int, float]] = {}
         self.reputation: dict[str, float] = {}
+        self.rng = random.Random()  # placement's two random choices (dispatch.py)
         self._blocked: dict[str, set[str]] = {}
         self._dependents: dict[str, set[str]] = {}
         self._waiters: dict[str, trio.Event] = {}
