@@ -61,6 +61,34 @@ def test_news_is_forwarded_to_every_neighbour_but_its_source_and_strangers_death
     assert v.take_outbox(["x", "y"]) == {}
 
 
+def test_a_load_summary_changes_only_with_the_load_and_bad_ones_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle node's summary stays the same object (so gossip sends nothing for it); a change
+    shows after LOAD_GOSSIP_S; it rides in the member record; a malformed one reads as absent."""
+    from mcpp.queue import summary
+
+    stats = {k: 0 for k in summary.STAT_KEYS} | {"by_type": {}, "completed_per_s": 0.0, "timed": 0, "paused": {},
+                                                   "mean_wait_s": None, "mean_run_s": None}
+    worker = {"running": 0, "free": 4, "completed": 0, "failed": 0, "rejected": 0, "active": True}
+    clock = [1000.0]
+    monkeypatch.setattr(summary.time, "monotonic", lambda: clock[0])
+    load = summary.LoadSummary(lambda: dict(stats), lambda: dict(worker))
+    first = load()
+    clock[0] += 10 * summary.LOAD_GOSSIP_S
+    assert load() is first, "an unchanged load is not a new summary"
+    stats["completed_count"], worker["completed"] = 5, 5
+    clock[0] += summary.LOAD_GOSSIP_S / 2
+    assert load() is first, "re-read at most every LOAD_GOSSIP_S"
+    clock[0] += summary.LOAD_GOSSIP_S
+    second = load()
+    assert second is not first and second is not None and second["q"]["completed_count"] == 5
+    m = parse_member(Member("p", 1, "alive", load=second).wire())
+    assert m is not None and summary.stats_of(m.load)["completed_count"] == 5  # type: ignore[index]
+    w = summary.worker_of("p", {"worker_id": "w", "task_types": ["echo"], "max_concurrent": 4}, m.load)
+    assert w is not None and w["completed"] == 5 and w["capabilities"] == ["echo"]
+    for bad in (None, "x", {"q": {"completed_count": -1}, "by_type": {}}, {"q": {}, "by_type": {"echo": {"completed": "9"}}}):
+        assert summary.stats_of(bad) is None
+
+
 def test_malformed_updates_from_the_network_are_dropped() -> None:
     for bad in (None, [], {"id": 1}, {"id": "a", "inc": -1, "state": "alive"},
                 {"id": "a", "inc": 1, "state": "zombie"}, {"id": "a", "inc": True, "state": "alive"}):

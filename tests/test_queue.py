@@ -97,6 +97,39 @@ def test_submit_on_a_run_on_b_read_on_c(qc: ProcessCluster) -> None:
     assert "echo" not in worker_a["capabilities"]
 
 
+def test_mesh_stats_and_worker_status_read_gossiped_summaries(qc: ProcessCluster) -> None:
+    """queue_stats(scope=mesh) and worker_status at D read every member's gossiped load summary:
+    A's completions show up at D without D calling A, even while A is frozen (SIGSTOP); a
+    worker asked for by id is read directly (RSS, CPU)."""
+    import signal
+
+    register(qc, {})
+    a, d = qc.nodes[0], qc.nodes[3]
+    subs = many(a.mcp_url, [("task_submit", {"task_type": "echo", "payload": {"n": i}}) for i in range(10)])
+    wait_final(a.mcp_url, [s["task_id"] for s in subs])
+    exact = call(a.mcp_url, "queue_stats", {"scope": "local"})["completed_count"]
+    assert exact >= 10
+
+    def mesh() -> dict[str, Any]:
+        return call(d.mcp_url, "queue_stats", {"scope": "mesh", "include_worker_stats": True})
+
+    wait_until(lambda: mesh()["per_node"].get(a.peer_id, {}).get("completed_count") == exact, 10)
+    qc.kill(a.name, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        st = mesh()
+        took = time.monotonic() - t0
+    finally:
+        qc.kill(a.name, signal.SIGCONT)
+    assert took < 2.0, f"a frozen member held up the mesh read for {took:.1f} s"
+    assert st["per_node"][a.peer_id]["completed_count"] == exact and st["unreachable"] == []
+    assert set(st["per_node"]) == {n.peer_id for n in qc.nodes} and isinstance(st["summaries_as_of"][a.peer_id], float)
+    assert st["completed_count"] >= exact and {w["peer_id"] for w in st["workers"]} == {n.peer_id for n in qc.nodes}
+    wait_until(lambda: sum(w["completed"] for w in call(d.mcp_url, "worker_status", {})["workers"]) >= 10, 10)
+    direct = call(d.mcp_url, "worker_status", {"worker_id": a.peer_id})["workers"]
+    assert len(direct) == 1 and direct[0]["peer_id"] == a.peer_id and direct[0]["rss_mb"] > 0
+
+
 def test_500_tasks_spread_over_all_workers(qc: ProcessCluster) -> None:
     register(qc, {})
     # 0.25 s each: a backlog builds up (500 x 0.25 s over 16 slots is ~8 s of work), so the

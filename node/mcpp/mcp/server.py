@@ -282,7 +282,8 @@ def _add_queue_tools(node: Node, q: QueueService, server: MCPServer) -> None:
         include_worker_stats: bool = False,
     ) -> dict[str, Any]:
         """Counts by status and type, per node, completed per second (last 60 s), mean wait and run
-        time; with include_worker_stats, every worker's figures."""
+        time; with include_worker_stats, every worker's figures. Mesh scope reads the other nodes'
+        gossiped summaries (at most ~2 s old; summaries_as_of gives their times)."""
         return await q.stats(scope, include_worker_stats)
 
     async def queue_pause(task_type: str | None = None, reason: str | None = None) -> dict[str, Any]:
@@ -322,7 +323,8 @@ def _add_queue_tools(node: Node, q: QueueService, server: MCPServer) -> None:
 
     async def worker_status(worker_id: str | None = None, include_tasks: bool = False) -> dict[str, Any]:
         """One or all workers of the mesh: capabilities, running, completed, failed, load, RSS, CPU,
-        reputation (+ the tasks each holds)."""
+        reputation (+ the tasks each holds). All workers: from gossiped summaries (RSS and CPU of
+        other nodes null); a worker_id or include_tasks asks those workers directly."""
         return await q.worker_status(worker_id, include_tasks)
 
     for fn in (task_submit, task_status, task_result, task_cancel, task_list, task_priority, task_retry,

@@ -92,9 +92,9 @@ class Gossip(Connections):
         return list(m.addrs) if m is not None else []
 
     def _self_info(self) -> dict[str, Any]:
-        worker = self.member_extra["worker"]() if "worker" in self.member_extra else None
+        extra = {k: self.member_extra[k]() if k in self.member_extra else None for k in ("worker", "load")}
         return {"addrs": tuple(self.multiaddrs), "role": self.role, "capabilities": tuple(self.advertised_capabilities()),
-                "mcp_url": self.mcp_url, "worker": worker}
+                "mcp_url": self.mcp_url, **extra}
 
     # ---- rpc handlers ------------------------------------------------------------------
     async def _on_push(self, peer_id: str, params: Any) -> Any:

@@ -70,6 +70,7 @@ class Member:
     capabilities: tuple[str, ...] = ()
     mcp_url: str | None = None
     worker: dict[str, Any] | None = None
+    load: dict[str, Any] | None = None  # the node's queue and worker counts (gossiped, see queue/service.py)
     since: float = field(default_factory=time.monotonic)  # monotonic time of the last change
     suspect_until: float | None = None
 
@@ -79,7 +80,8 @@ class Member:
 
     def wire(self) -> dict[str, Any]:
         return {"id": self.peer_id, "inc": self.incarnation, "state": self.state, "addrs": list(self.addrs),
-                "role": self.role, "caps": list(self.capabilities), "mcp": self.mcp_url, "worker": self.worker}
+                "role": self.role, "caps": list(self.capabilities), "mcp": self.mcp_url, "worker": self.worker,
+                "load": self.load}
 
     def supersedes(self, old: Member) -> bool:
         """Whether this news replaces what is known (SWIM's ordering)."""
@@ -101,6 +103,7 @@ def parse_member(d: Any) -> Member | None:
     caps = d.get("caps")
     mcp = d.get("mcp")
     worker = d.get("worker")
+    load = d.get("load")
     role = d.get("role")
     return Member(
         peer_id=pid, incarnation=inc, state=str(state),
@@ -109,6 +112,7 @@ def parse_member(d: Any) -> Member | None:
         capabilities=tuple(c for c in caps[:256] if isinstance(c, str) and len(c) < 256) if isinstance(caps, list) else (),
         mcp_url=mcp if isinstance(mcp, str) and len(mcp) < 512 else None,
         worker=worker if isinstance(worker, dict) else None,
+        load=load if isinstance(load, dict) else None,
     )
 
 
@@ -199,7 +203,7 @@ class MemberView:
         old = self.me
         new = Member(old.peer_id, old.incarnation, "alive", **{
             "addrs": old.addrs, "role": old.role, "capabilities": old.capabilities,
-            "mcp_url": old.mcp_url, "worker": old.worker, **info})
+            "mcp_url": old.mcp_url, "worker": old.worker, "load": old.load, **info})
         if new.wire() == old.wire():
             return False
         new.incarnation = old.incarnation + 1

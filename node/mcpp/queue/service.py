@@ -41,6 +41,7 @@ from mcpp.queue.model import (
     parse_quotas,
 )
 from mcpp.queue.store import TaskFilter, TaskStore
+from mcpp.queue.summary import STAT_KEYS, LoadSummary, stats_of, worker_of
 from mcpp.queue.worker import Worker, WorkerSettings
 
 __all__ = ["QueueService", "SCOPES", "STORE_FILE"]
@@ -99,6 +100,7 @@ class QueueService:
             node.rpc.register(method, handler)
         node.info_extra["worker"] = self.worker.info
         node.member_extra["worker"] = lambda: self.worker.settings.as_dict()  # gossiped to every member
+        node.member_extra["load"] = LoadSummary(self.local_stats, self._worker_counts)  # and this (summary.py)
         node.capability_sources.append(lambda: self.worker.settings.task_types if self.worker.settings.active else ())
         node.peer_joined_hooks.append(lambda pid: self.broker.kick())
         from mcpp.queue.replica import Replicator
@@ -314,6 +316,9 @@ class QueueService:
         return {"tasks": [r.summary() for r in recs], "total": total}
 
     async def _rpc_stats(self, peer: str, p: Any) -> Any:
+        return self.local_stats()
+
+    def local_stats(self) -> dict[str, Any]:
         out = self.broker.local_stats()
         out["timed"] = self.broker.stats.n_timed
         out["replicas_held"] = sum(self.replicator.held().values())
@@ -476,11 +481,17 @@ class QueueService:
     async def stats(self, scope: Any, include_worker_stats: bool) -> dict[str, Any]:
         if scope not in SCOPES:
             raise ArgumentError("scope", f"must be mesh or local, got {scope!r}")
-        peers = self.mesh_peers() if scope == "mesh" else []
-        answers, failed = await self.gather("q.stats", {}, peers)
-        keys = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
-                "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
-                "replicas_held", "adopted", "adoptions_declined")
+        # this node's own figures are exact; every other member's come from its gossiped summary
+        answers: dict[str, dict[str, Any]] = {self.me: self.local_stats()}
+        failed: list[str] = []  # members whose summary has not arrived (yet)
+        for pid in self.node.members() if scope == "mesh" else []:
+            m = self.node.view.get(pid)
+            a = stats_of(m.load if m is not None else None)
+            if a is None:
+                failed.append(pid)
+            else:
+                answers[pid] = a
+        keys = STAT_KEYS
         out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in keys}
         by_type: dict[str, dict[str, int]] = {}
         for a in answers.values():
@@ -504,11 +515,21 @@ class QueueService:
             "per_node": {pid: {k: a.get(k) for k in (*keys[:7], "completed_per_s", "paused")} for pid, a in answers.items()},
             "scope": scope,
             "unreachable": failed,
+            "summaries_as_of": {pid: a.get("as_of") for pid, a in answers.items() if pid != self.me},
         })
         if include_worker_stats:
-            workers, _ = await self.gather("w.info", {}, peers)
-            out["workers"] = [self._with_reputation(w) for w in workers.values()]
+            out["workers"] = self._gossiped_workers(scope == "mesh")
         return out
+
+    def _gossiped_workers(self, mesh: bool) -> list[dict[str, Any]]:
+        """This node's worker (exact) and, for the mesh, every live member's as gossiped."""
+        workers = [self.worker_info(False)]
+        for pid in self.node.members() if mesh else []:
+            m = self.node.view.get(pid)
+            w = worker_of(pid, m.worker, m.load) if m is not None else None
+            if w is not None:
+                workers.append(w)
+        return [self._with_reputation(w) for w in workers]
 
     def pause(self, task_type: Any, reason: Any) -> dict[str, Any]:
         self._check_opt_str("task_type", task_type)
@@ -568,11 +589,15 @@ class QueueService:
         self._check_opt_str("worker_id", worker_id)
         if worker_id in (self.worker.settings.worker_id, self.me):
             return self.unregister_local(drain)
-        infos, _ = await self.gather("w.info", {}, self.mesh_peers())
-        for pid, info in infos.items():
-            if worker_id in (info.get("worker_id"), pid):
-                return dict(await self.owner_call(pid, "w.unregister", {"drain": drain}))
+        for w in self._gossiped_workers(True):  # the worker ids of the mesh, by gossip
+            if worker_id in (w.get("worker_id"), w.get("peer_id")):
+                return dict(await self.owner_call(str(w["peer_id"]), "w.unregister", {"drain": drain}))
         raise ArgumentError("worker_id", f"no worker {worker_id!r} in the mesh")
+
+    def _worker_counts(self) -> dict[str, int]:
+        w = self.worker
+        return {"running": len(w.running), "free": w.free(), "completed": w.completed, "failed": w.failed,
+                "rejected": w.rejected}
 
     def worker_info(self, include_tasks: bool) -> dict[str, Any]:
         s = self.worker.settings
@@ -604,13 +629,21 @@ class QueueService:
         return info
 
     async def worker_status(self, worker_id: Any, include_tasks: bool) -> dict[str, Any]:
+        """Every worker from the gossiped summaries; the ones named by `worker_id` (or all, with
+        include_tasks) asked directly, for their tasks, RSS and CPU."""
         self._check_opt_str("worker_id", worker_id)
-        infos, failed = await self.gather("w.info", {"include_tasks": include_tasks})
-        workers = [self._with_reputation(i) for i in infos.values()]
+        workers = self._gossiped_workers(True)
+        failed: list[str] = []
         if worker_id is not None:
             workers = [w for w in workers if worker_id in (w.get("worker_id"), w.get("peer_id"))]
             if not workers:
                 raise ArgumentError("worker_id", f"no worker {worker_id!r} in the mesh")
+        if worker_id is not None or include_tasks:
+            infos, failed = await self.gather("w.info", {"include_tasks": include_tasks},
+                                              [str(w["peer_id"]) for w in workers if w["peer_id"] != self.me])
+            wanted = {w["peer_id"] for w in workers}
+            workers = [self._with_reputation(i) for pid, i in infos.items() if pid in wanted] + [
+                w for w in workers if w["peer_id"] in failed]
         workers.sort(key=lambda w: str(w.get("worker_id")))
         return {"workers": workers, "count": len(workers), "unreachable": failed}
 
