@@ -59,7 +59,9 @@ def _queue_demo(cluster: ProcessCluster, names: dict[str, str], call: Call) -> N
     stats = call(w2, "queue_stats", {"include_worker_stats": True})
     console.print({k: stats[k] for k in ("completed_count", "dead_lettered_count", "retries", "mean_run_s")})
     t = Table("worker", "task types", "completed", "failed", "load", "rss MB")
-    for w in stats["workers"]:
+    # each worker asked by id: its own figures now (the mesh-wide list is the gossiped summaries,
+    # which carry no RSS and may be 2 s behind)
+    for w in [call(w2, "worker_status", {"worker_id": pid})["workers"][0] for pid in names]:
         t.add_row(names.get(w["peer_id"], "?"), ",".join(w["capabilities"]), str(w["completed"]), str(w["failed"]),
                   str(w["load"]), str(w["rss_mb"]))
     console.print(t)
