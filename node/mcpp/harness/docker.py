@@ -175,7 +175,8 @@ class DockerCluster(ClusterCommon):
             self._roles[name] = role
             self._ports[name] = ports[i]
             c.start()
-        self.nodes = self._wait_records(list(self._containers), time.monotonic() + 60)
+        # cold Python starts in every container: N containers on 2 cores take longer than 60 s
+        self.nodes = self._wait_records(list(self._containers), time.monotonic() + max(60.0, self.formation_timeout_s))
         self.up_in_s = time.monotonic() - t0
         self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
         self.write_cluster_file()
