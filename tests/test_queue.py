@@ -68,10 +68,12 @@ def register(c: ProcessCluster, caps: dict[int, list[str]], max_concurrent: int 
     for i, n in enumerate(c.nodes):
         call(n.mcp_url, "worker_register", {"capabilities": caps.get(i, all_types), "max_concurrent": max_concurrent})
     # every node must have heard of the change before the test dispatches
+    # (a member that is not one of the cluster's nodes, e.g. a raw peer of an earlier test that
+    # has just left, may still be listed for a moment: only the cluster's own nodes count)
     def seen() -> bool:
-        ws = call(c.nodes[0].mcp_url, "worker_status", {})["workers"]
-        return all(w["capabilities"] == caps.get(i, all_types) for i, w in
-                   enumerate(sorted(ws, key=lambda w: [n.peer_id for n in c.nodes].index(w["peer_id"]))))
+        by_peer = {w["peer_id"]: w for w in call(c.nodes[0].mcp_url, "worker_status", {})["workers"]}
+        return all(n.peer_id in by_peer and by_peer[n.peer_id]["capabilities"] == caps.get(i, all_types)
+                   for i, n in enumerate(c.nodes))
     wait_until(seen, 10)
     time.sleep(0.3)
 
