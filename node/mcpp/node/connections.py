@@ -20,7 +20,7 @@ from mcpp.errors import MCPPError, PeerUnreachable
 from mcpp.log import kv
 from mcpp.metrics import NodeMetrics
 from mcpp.net.dht import Dht
-from mcpp.net.p2p import ID, IHost, PeerInfo, dial_errors, peer_multiaddrs, strip_p2p
+from mcpp.net.p2p import ID, IHost, PeerInfo, dial_errors, peer_multiaddrs, remember_addrs, strip_p2p
 from mcpp.net.peers import PeerRecord
 from mcpp.node.core import NodeCore, valid_addrs
 
@@ -119,6 +119,7 @@ class Connections(NodeCore):
             return
         caps = info.get("capabilities")
         addrs = valid_addrs(info.get("multiaddrs"))
+        remember_addrs(self.host, peer_id, addrs)
         rec = self.table.upsert(
             peer_id,
             role=info.get("role") if isinstance(info.get("role"), str) else None,
