@@ -41,6 +41,17 @@ def test_a_node_refutes_its_own_suspicion_with_a_newer_incarnation() -> None:
     assert {"id": "me", "inc": 101, "state": "alive"}.items() <= out["y"][0].items()
 
 
+def test_a_node_that_left_is_not_revived_by_its_own_refresh() -> None:
+    """Between leave() and the end of the process the gossip loop still refreshes this node's own
+    record: that refresh must not announce it alive again (it did: a newer 'alive' beat 'left')."""
+    v = _view()
+    v.take_outbox(["x"])
+    v.leave()
+    assert v.take_outbox(["x"])["x"][0]["state"] == "left"
+    assert not v.update_self(mcp_url="http://127.0.0.1:1/mcp")
+    assert v.me.state == "left" and v.take_outbox(["x"]) == {}
+
+
 def test_suspicion_runs_out_into_death_unless_refuted() -> None:
     v = _view()
     v.apply(Member("a", 1), "x")

@@ -201,6 +201,8 @@ class MemberView:
     def update_self(self, **info: Any) -> bool:
         """This node's own info changed: a new incarnation carries it. Returns whether it changed."""
         old = self.me
+        if old.state == "left":
+            return False  # a node that said it leaves stays gone (its gossip loop runs on while it stops)
         new = Member(old.peer_id, old.incarnation, "alive", **{
             "addrs": old.addrs, "role": old.role, "capabilities": old.capabilities,
             "mcp_url": old.mcp_url, "worker": old.worker, "load": old.load, **info})
