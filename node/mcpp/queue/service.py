@@ -491,8 +491,7 @@ class QueueService:
                 failed.append(pid)
             else:
                 answers[pid] = a
-        keys = STAT_KEYS
-        out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in keys}
+        out: dict[str, Any] = {k: sum(int(a.get(k, 0)) for a in answers.values()) for k in STAT_KEYS}
         by_type: dict[str, dict[str, int]] = {}
         for a in answers.values():
             for t, counts in a["by_type"].items():
@@ -512,7 +511,7 @@ class QueueService:
             "mean_wait_s": mean("mean_wait_s"),
             "mean_run_s": mean("mean_run_s"),
             "paused": dict(self.broker.paused),
-            "per_node": {pid: {k: a.get(k) for k in (*keys[:7], "completed_per_s", "paused")} for pid, a in answers.items()},
+            "per_node": {pid: {k: a.get(k) for k in (*STAT_KEYS[:7], "completed_per_s", "paused")} for pid, a in answers.items()},
             "scope": scope,
             "unreachable": failed,
             "summaries_as_of": {pid: a.get("as_of") for pid, a in answers.items() if pid != self.me},

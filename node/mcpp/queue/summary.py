@@ -41,8 +41,11 @@ class LoadSummary:
             return self._summary
         self._read_at = mono
         st = self._stats()
-        body = {"q": {k: int(st.get(k) or 0) for k in STAT_KEYS}, **{k: st.get(k) for k in _EXTRA},
-                "w": {k: int(v) for k, v in self._worker().items() if k in _WORKER_KEYS}}
+        # zeros, empty maps and nulls are left out (readers default them): every member record
+        # carries this, and an idle node's full summary was most of its record's bytes
+        body = {"q": {k: int(st.get(k) or 0) for k in STAT_KEYS if st.get(k)},
+                **{k: st.get(k) for k in _EXTRA if st.get(k)},
+                "w": {k: int(v) for k, v in self._worker().items() if k in _WORKER_KEYS and v}}
         if self._summary is None or {k: v for k, v in self._summary.items() if k != "at"} != body:
             self._summary = {**body, "at": round(time.time(), 3)}  # wall time of the last change
         return self._summary
@@ -66,13 +69,13 @@ def stats_of(load: Any) -> dict[str, Any] | None:
     if not isinstance(load, dict):
         return None
     q = _counts(load.get("q"), STAT_KEYS)
-    by_type = load.get("by_type")
+    by_type = load.get("by_type", {})
     if q is None or not isinstance(by_type, dict) or not all(
             isinstance(t, str) and _counts(c, tuple(c) if isinstance(c, dict) else ()) is not None
             for t, c in by_type.items()):
         return None
-    timed = load.get("timed")
-    paused = load.get("paused")
+    timed = load.get("timed", 0)
+    paused = load.get("paused", {})
     return {**q, "by_type": by_type, "completed_per_s": _num(load.get("completed_per_s")) or 0.0,
             "mean_wait_s": _num(load.get("mean_wait_s")), "mean_run_s": _num(load.get("mean_run_s")),
             "timed": timed if isinstance(timed, int) and not isinstance(timed, bool) and timed >= 0 else 0,
