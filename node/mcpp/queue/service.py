@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,6 +52,7 @@ SCOPES = ("mesh", "local")
 STORE_FILE = "queue.sqlite3"
 MESH_CALL_S = 5.0
 MESH_FANOUT = 16  # mesh-wide reads call this many nodes at once
+CPU_SAMPLE_S = 0.5  # worker_status's cpu_percent covers at least this long
 LOCATE_CACHE = 10_000
 CHECKPOINT_S = 1.0
 WAIT_SLICE_S = 2.0
@@ -77,6 +79,8 @@ class QueueService:
         self._nursery: trio.Nursery | None = None
         self._pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = []
         self._process = psutil.Process()
+        self._cpu_read_at = -CPU_SAMPLE_S
+        self._cpu_last = 0.0
         self._local: dict[str, RpcHandler] = {
             "q.submit": self._rpc_submit,
             "q.status": self._rpc_status,
@@ -611,7 +615,7 @@ class QueueService:
             "rejected": self.worker.rejected,
             "load": round(len(self.worker.running) / max(1, s.max_concurrent), 4),
             "rss_mb": round(mem.rss / 2**20, 2),
-            "cpu_percent": self._process.cpu_percent(None),
+            "cpu_percent": self._cpu_percent(),
             "success_rate": None if done == 0 else round(self.worker.completed / done, 4),
         }
         if include_tasks:
@@ -619,6 +623,15 @@ class QueueService:
                              "started_at": r.started_at, "progress": r.ctx.progress_value}
                             for r in self.worker.running.values()]
         return out
+
+    def _cpu_percent(self) -> float:
+        """This process's CPU since the previous reading; a reading less than CPU_SAMPLE_S after
+        the previous one repeats it (psutil's interval would be a few ms: 0 %, e.g. when
+        worker_status reads this node's worker twice in one call)."""
+        now = time.monotonic()
+        if now - self._cpu_read_at >= CPU_SAMPLE_S:
+            self._cpu_read_at, self._cpu_last = now, self._process.cpu_percent(None)
+        return self._cpu_last
 
     def _with_reputation(self, info: dict[str, Any]) -> dict[str, Any]:
         pid = str(info.get("peer_id"))
