@@ -53,6 +53,18 @@ def test_a_node_that_left_is_not_revived_by_its_own_refresh() -> None:
     assert v.me.state == "left" and v.take_outbox(["x"]) == {}
 
 
+def test_a_new_load_summary_alone_reaches_the_neighbours_but_is_not_forwarded() -> None:
+    v = _view()
+    assert v.apply(Member("a", 1, load={"q": {}}), "x")
+    v.take_outbox(["x", "y"])
+    assert v.apply(Member("a", 2, load={"q": {"queued_count": 3}}), "x"), "the newer summary is kept"
+    assert v.members["a"].load == {"q": {"queued_count": 3}} and v.take_outbox(["x", "y"]) == {}
+    assert v.apply(Member("a", 3, "suspect", load={"q": {"queued_count": 3}}), "x")
+    assert sorted(v.take_outbox(["x", "y"])) == ["y"], "any other change is forwarded"
+    assert v.update_self(load={"q": {"running_count": 1}})
+    assert sorted(v.take_outbox(["x", "y"])) == ["x", "y"], "a node pushes its own summary to its neighbours"
+
+
 def test_suspicion_runs_out_into_death_unless_refuted() -> None:
     v = _view()
     v.apply(Member("a", 1), "x")

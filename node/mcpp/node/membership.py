@@ -238,7 +238,11 @@ class MemberView:
         if old is None or old.state != update.state:
             log.info("member " + update.state, extra=kv(peer=update.peer_id, incarnation=update.incarnation,
                                                        was=old.state if old else None))
-        self._queue(update, heard_from)
+        if not (old is not None and load_only(old, update)):
+            # a new load summary alone is not forwarded: its owner pushes it to its neighbours
+            # and syncs carry it further; flooded, 50 busy nodes' summaries (one each per
+            # LOAD_GOSSIP_S) saturated 2 cores and leases expired behind them
+            self._queue(update, heard_from)
         for hook in self.on_change:
             hook(update)
         return True
@@ -312,6 +316,13 @@ class MemberView:
                 if m is not None and self.apply(m, sender):
                     n += 1
         return n
+
+
+def load_only(old: Member, new: Member) -> bool:
+    """Whether `new` differs from `old` only in its incarnation and load summary."""
+    a, b = old.wire(), new.wire()
+    return a.get("load") != b.get("load") and all(a.get(k) == b.get(k) for k in a.keys() | b.keys()
+                                                  if k not in ("inc", "load"))
 
 
 def pick(rng: random.Random, items: list[str], k: int) -> list[str]:

@@ -3,11 +3,12 @@
 Each node publishes, in its member record (node/membership.py, field `load`), the counts of
 the tasks it owns by status and type, its completion rate and mean times, and its worker's
 running / free / completed / failed counts. The summary is re-read at most every
-LOAD_GOSSIP_S and gossiped only when it changed, so an idle mesh sends nothing for it and a
-busy one about one update per node per LOAD_GOSSIP_S. `queue_stats(scope=mesh)` and
-`worker_status` read these summaries instead of calling every node: their figures for other
-nodes are at most LOAD_GOSSIP_S plus a gossip crossing of the overlay old; this node's own
-are exact.
+LOAD_GOSSIP_S and sent only when it changed: pushed to this node's neighbours, which do not
+forward a change of load alone (flooded, 50 busy nodes' summaries saturated 2 cores); the
+periodic push-pull syncs carry it further. `queue_stats(scope=mesh)` and `worker_status` read
+these summaries instead of calling every node: a neighbour's figures are at most about
+LOAD_GOSSIP_S old, a far member's a few sync rounds (SYNC_S each); `summaries_as_of` says how
+old each one is. This node's own figures are exact.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 __all__ = ["LOAD_GOSSIP_S", "STAT_KEYS", "LoadSummary", "stats_of", "worker_of"]
 
-LOAD_GOSSIP_S = 2.0
+LOAD_GOSSIP_S = 5.0
 STAT_KEYS = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
              "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
              "replicas_held", "adopted", "adoptions_declined")
