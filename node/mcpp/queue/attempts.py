@@ -156,6 +156,7 @@ class Attempts(Dispatcher):
                 rec = self.store.get(tid)
                 if rec is not None and rec.status == "queued":
                     self._enqueue(rec.replace(not_before=None))
+        grace = (self.health() - 1.0) * self.settings.lease_s
         for lease in list(self.leases.values()):
             rec = None
             if lease.cancel_at is not None and mono >= lease.cancel_at:
@@ -165,8 +166,8 @@ class Attempts(Dispatcher):
                     why = f"{lease.cancel_reason} (worker did not stop within {CANCEL_GRACE_S:g} s)"
                     self._finish(rec, "cancelled", error=why,
                                  history=self._attempt_entry(rec, lease, "cancelled", why))
-            elif mono >= lease.expires or mono - lease.started > lease.timeout_s + self.settings.lease_s:
-                expired = mono >= lease.expires
+            elif mono >= lease.expires + grace or mono - lease.started > lease.timeout_s + self.settings.lease_s:
+                expired = mono >= lease.expires + grace
                 self._end_lease(lease)
                 self._feed(lease.worker, False)
                 if expired:  # a worker that stopped renewing is suspect: give it nothing for a while

@@ -94,6 +94,10 @@ class BrokerState:
         self._worker_free: dict[str, tuple[int, float]] = {}
         self.reputation: dict[str, float] = {}
         self.rng = random.Random()  # placement's two random choices (dispatch.py)
+        # Lifeguard's local health multiplier of this node (1 when its loop is prompt): a lease
+        # expires lease_s x health after its last renewal, so that an owner too busy to read its
+        # workers' renewals (200 MCP submits at once) does not take its own lag for theirs
+        self.health: Callable[[], float] = lambda: 1.0
         self._blocked: dict[str, set[str]] = {}
         self._dependents: dict[str, set[str]] = {}
         self._waiters: dict[str, trio.Event] = {}

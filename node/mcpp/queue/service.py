@@ -75,6 +75,7 @@ class QueueService:
             self.call, self.worker_views, self.type_known,
         )
         self.worker.on_change = self._worker_changed
+        self.broker.health = node.health
         self._located: OrderedDict[str, str] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = []
