@@ -143,7 +143,7 @@ async def quiet_connection_manager(host: IHost) -> None:
     # listen addresses and to cache its ping/identify protocols (never ours); mcpp's hello
     # carries the addresses (`remember_addrs`). It was a tenth of the CPU while 50 nodes formed.
     if hasattr(host, "_schedule_identify"):
-        host._schedule_identify = _no_identify  # type: ignore[attr-defined]
+        host._schedule_identify = _no_identify
 
 
 def _no_identify(peer_id: ID, *, reason: str) -> None:
