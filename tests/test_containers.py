@@ -6,13 +6,13 @@ Needs Docker Engine. Without it these tests skip on a developer machine and fail
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import TOKEN, call, status_or_none, wait_until
-from mcpp.config import new_swarm_key
+from test_secrets import fresh_clone, secrets_init
 from mcpp.harness import free_ports, read_cluster_file
 from mcpp.harness.docker import DockerCluster, reap
 from mcpp.harness.image import IMAGE_TAG, SOURCE_LABEL, ImageBuild, build_image, source_digest, stale_image_hint
@@ -217,19 +217,20 @@ def _compose() -> list[str]:
     return [exe]
 
 
-def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild) -> None:
+def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild, tmp_path: Path) -> None:
+    """A fresh clone, `mcpp secrets init`, `compose up --scale worker=3`: the mesh runs on the
+    generated token, swarm key and bootstrap identity (mode 0600 files read by the containers)."""
     port = free_ports(1)[0]
     project = f"mcpptest{os.getpid()}"
-    cmd = [*_compose(), "-f", str(REPO / "compose" / "docker-compose.yml"), "-p", project]
-    secrets_dir = Path(tempfile.mkdtemp(prefix="mcpp-compose-"))
-    token_file, key_file = secrets_dir / "mcp-token", secrets_dir / "swarm.key"
-    token_file.write_text(TOKEN + "\n")
-    key_file.write_text(new_swarm_key())
-    for f in (secrets_dir, token_file, key_file):  # the containers run as uid 10001
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    env = {**os.environ, "MCPP_MCP_PORT": str(port), "MCPP_TOKEN_FILE": str(token_file),
-           "MCPP_SWARM_KEY_FILE": str(key_file)}
-    up = subprocess.run([*cmd, "up", "-d", "--scale", "worker=3"], env=env, capture_output=True, text=True, timeout=180)
+    clone = fresh_clone(tmp_path / "clone")
+    init = secrets_init(clone)
+    assert init.returncode == 0, init.stderr
+    generated = clone / "bootstrap" / "secrets"
+    token = (generated / "mcp-token").read_text()
+    cmd = [*_compose(), "-f", "compose/docker-compose.yml", "-p", project]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MCPP_")}, "MCPP_MCP_PORT": str(port)}
+    run = functools.partial(subprocess.run, cwd=clone, env=env, capture_output=True, text=True)
+    up = run([*cmd, "up", "-d", "--scale", "worker=3"], timeout=180)
     try:
         assert up.returncode == 0, up.stderr
         url = f"http://127.0.0.1:{port}/mcp"
@@ -245,18 +246,19 @@ def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild) -> N
                              headers={"accept": "application/json, text/event-stream"})
         assert refused.status_code == 401, "the compose mesh takes its token from the secret"
         boot = httpx.get(f"http://127.0.0.1:{port}/status").json()
-        assert boot["peer_id"] == "12D3KooWGUb9VYUzNFjsNFBiCGx2NkFm9K3pevwbAFomgeohoDMY", "the committed dev identity"
-        call(url, "worker_register", {"capabilities": ["sleep"]})
+        assert boot["peer_id"] == (generated / "bootstrap.peer-id").read_text(), "the generated identity"
+        call(url, "worker_register", {"capabilities": ["sleep"]}, token=token)
         workers = set(boot["connected"])
-        s = call(url, "task_submit", {"task_type": "echo", "payload": "compose"})
-        r = call(url, "task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 30})
+        s = call(url, "task_submit", {"task_type": "echo", "payload": "compose"}, token=token)
+        r = call(url, "task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 30}, token=token)
         assert r["status"] == "completed" and r["result"] == "compose" and r["worker"] in workers
-        ps = subprocess.run([*cmd, "ps"], env=env, capture_output=True, text=True, timeout=60).stdout
+        ps = run([*cmd, "ps"], timeout=60).stdout
         assert ps.count("healthy") >= 4 or ps.count("Up") >= 4, ps
+        logs = run([*cmd, "logs", "--no-color"], timeout=60).stdout
+        assert "node started" in logs and "DEVELOPMENT" not in logs
     finally:
-        down = subprocess.run([*cmd, "down", "-v"], env=env, capture_output=True, text=True, timeout=120)
+        down = run([*cmd, "down", "-v"], timeout=120)
         assert down.returncode == 0, down.stderr
-        shutil.rmtree(secrets_dir, ignore_errors=True)
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
                           capture_output=True, text=True).stdout.split()
     assert left == []

@@ -4,8 +4,6 @@ offline (kubernetes-validate), and checked against what the node really serves a
 from __future__ import annotations
 
 import base64
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import TOKEN
+from test_secrets import fresh_clone, kustomize, secrets_init
 from mcpp.net import identity
 from mcpp.config import DEFAULT_MCP_PORT, ENV_PREFIX, SETTINGS, parse_swarm_key
 from mcpp.harness import ProcessCluster
@@ -26,11 +25,12 @@ REPO = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def objects() -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is needed to render k8s/ (it is on this machine's image)")
-    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s")], capture_output=True, text=True, timeout=60)
+def objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """k8s/ rendered as a user renders it: a fresh clone, `mcpp secrets init`, kubectl kustomize."""
+    clone = fresh_clone(tmp_path_factory.mktemp("clone"))
+    init = secrets_init(clone)
+    assert init.returncode == 0, init.stderr
+    out = kustomize(clone)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -83,7 +83,9 @@ def test_services_and_bootstrap_identity(objects: list[dict[str, Any]]) -> None:
     assert {p["port"] for p in svcs["mcpp-mcp"]["ports"]} == {MCP_PORT}
     sts = by_kind(objects, "StatefulSet")[0]
     assert sts["spec"]["serviceName"] == "mcpp-bootstrap" and sts["spec"]["replicas"] == 1
-    secrets = {x["metadata"]["name"]: x for x in by_kind(objects, "Secret")}
+    # generated Secrets: their names carry a hash of their content (a rotation rolls the pods)
+    secrets = {x["metadata"]["name"].rsplit("-", 1)[0]: x for x in by_kind(objects, "Secret")}
+    names = {k: v["metadata"]["name"] for k, v in secrets.items()}
     key = base64.b64decode(secrets["mcpp-bootstrap-identity"]["data"]["identity.key"])
     with tempfile.NamedTemporaryFile() as f:
         f.write(key)
@@ -94,13 +96,20 @@ def test_services_and_bootstrap_identity(objects: list[dict[str, Any]]) -> None:
     mounts = {m["name"]: m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MCPP_IDENTITY"] == mounts["identity"] + "/identity.key"
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["identity"]["secret"]["secretName"] == names["mcpp-bootstrap-identity"]
     # the MCP token and the swarm key come from a Secret, into every node (bootstrap and workers)
-    sec = secrets["mcpp-secrets"]["stringData"]
-    assert len(sec["mcp-token"]) >= 16 and parse_swarm_key(sec["swarm-key"]) == sec["swarm-key"]
+    sec = {k: base64.b64decode(v).decode() for k, v in secrets["mcpp-secrets"]["data"].items()}
+    assert len(sec["mcp-token"]) >= 16 and len(parse_swarm_key(sec["swarm-key"])) == 64
     for wl in (*by_kind(objects, "StatefulSet"), *by_kind(objects, "Deployment")):
         refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in
                 wl["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert refs["MCPP_TOKEN"] == {"name": "mcpp-secrets", "key": "mcp-token"}
-        assert refs["MCPP_SWARM_KEY"] == {"name": "mcpp-secrets", "key": "swarm-key"}
+        assert refs["MCPP_TOKEN"] == {"name": names["mcpp-secrets"], "key": "mcp-token"}
+        assert refs["MCPP_SWARM_KEY"] == {"name": names["mcpp-secrets"], "key": "swarm-key"}
+    # the mesh port from mcpp pods only; MCP only from pods or namespaces labelled as MCP clients
     netpol = by_kind(objects, "NetworkPolicy")[0]["spec"]
-    assert sorted(p["port"] for rule in netpol["ingress"] for p in rule["ports"]) == [P2P_PORT, MCP_PORT]
+    rules = {p["port"]: rule["from"] for rule in netpol["ingress"] for p in rule["ports"]}
+    assert sorted(rules) == [P2P_PORT, MCP_PORT]
+    assert rules[P2P_PORT] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mcpp"}}}]
+    client = {"mcpp-mcp-client": "true"}
+    assert rules[MCP_PORT] == [{"podSelector": {"matchLabels": client}}, {"namespaceSelector": {"matchLabels": client}}]

@@ -116,6 +116,30 @@ def _cmd_swarm_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_secrets_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mcpp.harness import secrets
+
+    directory = Path(args.dir)
+    compose_env = Path(args.compose_env) if args.compose_env else None
+    if compose_env is None:  # from a checkout with the default folder: the Compose project's .env
+        in_checkout = Path("compose/docker-compose.yml").exists() and directory == secrets.DEFAULT_DIR
+        compose_env = Path("compose/.env") if in_checkout else directory / "compose.env"
+    done = secrets.init_secrets(directory, force=args.force, rotate_token=args.rotate_token,
+                                compose_env=compose_env)
+    what = "a new MCP token" if args.rotate_token else "a new MCP token, swarm key and bootstrap identity"
+    print(f"wrote {what} to {done.dir}/ (secret files mode 0600, owned by uid {done.owner_uid})")
+    print(f"bootstrap peer id: {done.peer_id}")
+    print(f"Compose reads {done.compose_env}" + ("" if done.compose_env == Path("compose/.env")
+                                                  else f" (docker compose --env-file {done.compose_env} ...)"))
+    if directory == secrets.DEFAULT_DIR:
+        print("Kubernetes: kubectl apply -k k8s/ (k8s/ renders its Secrets from this folder)")
+    else:
+        print(f"Kubernetes reads {secrets.DEFAULT_DIR}/: include {done.dir}/ in your own kustomization instead")
+    return 0
+
+
 def _cmd_seed(args: argparse.Namespace) -> int:
     from mcpp.harness import seed
 
@@ -228,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(fn=_cmd_swarm_key)
+
+    p = sub.add_parser("secrets", help="make this deployment's own secrets (Compose, Kubernetes)")
+    ssub = p.add_subparsers(dest="secrets_command", required=True)
+    si = ssub.add_parser("init", help="generate an MCP token, a swarm key and a bootstrap identity into "
+                                      "bootstrap/secrets/ (git-ignored, mode 0600); print the bootstrap peer id")
+    si.add_argument("--dir", default="bootstrap/secrets", help="the folder to write (default: %(default)s)")
+    si.add_argument("--force", action="store_true", help="replace every secret of an existing folder")
+    si.add_argument("--rotate-token", action="store_true", help="replace the MCP token alone")
+    si.add_argument("--compose-env", metavar="FILE",
+                    help="the env file to set MCPP_SECRETS_DIR / MCPP_BOOTSTRAP_ID in (default: compose/.env "
+                         "from a checkout with the default --dir, else DIR/compose.env)")
+    si.set_defaults(fn=_cmd_secrets_init)
 
     p = sub.add_parser("seed", help="render the bootstrap multiaddr list for the harness, Compose or Kubernetes")
     p.add_argument("--seed", action="append", required=True, metavar="KEY_FILE:HOST:PORT",

@@ -26,6 +26,7 @@ __all__ = [
     "SETTINGS",
     "parse_swarm_key",
     "new_swarm_key",
+    "development_secrets",
     "new_token",
 ]
 
@@ -324,6 +325,24 @@ def new_swarm_key() -> str:
     import secrets
 
     return "/key/swarm/psk/1.0.0/\n/base16/\n" + secrets.token_hex(32) + "\n"
+
+
+# The development secrets committed in bootstrap/dev/ (public: anyone can read them), by
+# fingerprint (sha256) so that the node does not carry them: a node running with one says so.
+_DEV_SHA256 = {
+    "token": "2eba4cd98be679a7fbc2192f6f6e6b90c83103ab5a5159453c0e277240390d87",
+    "swarm_key": "d8f04c01053b4610a6c03f5defba9ff37d6f6a86567478cdd9c652654401b817",
+}
+DEV_PEER_ID = "12D3KooWGUb9VYUzNFjsNFBiCGx2NkFm9K3pevwbAFomgeohoDMY"
+
+
+def development_secrets(config: NodeConfig, peer_id: str) -> list[str]:
+    """Which of this node's secrets are the public development ones (token, swarm_key, identity)."""
+    import hashlib
+
+    found = [name for name, digest in _DEV_SHA256.items()
+             if (value := getattr(config, name)) and hashlib.sha256(value.encode()).hexdigest() == digest]
+    return found + (["identity"] if peer_id == DEV_PEER_ID else [])
 
 
 def new_token() -> str:

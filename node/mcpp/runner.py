@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from mcpp.config import NodeConfig
+from mcpp.config import NodeConfig, development_secrets
 from mcpp.log import kv
 from mcpp.mcp.server import build_server, serve_http, serve_stdio
 from mcpp.node import Node, build_node
@@ -60,6 +60,10 @@ async def open_services(config: NodeConfig) -> AsyncIterator[Services]:
                 await nursery.start(queue.run)
                 await nursery.start(workflows.run)
                 node_log.info("node started", extra=kv(peer=node.peer_id, role=node.role, addrs=node.multiaddrs))
+                if dev := development_secrets(config, node.peer_id):
+                    node_log.warning("running with the DEVELOPMENT secrets committed to the public repository: "
+                                     "for your own machine only (make real ones with `mcpp secrets init`)",
+                                     extra=kv(secrets=dev))
                 try:
                     yield Services(node, queue, workflows)
                 finally:
