@@ -78,26 +78,45 @@ def name_of(c: DockerCluster, peer_id: str) -> str:
     return next(n.name for n in c.nodes if n.peer_id == peer_id)
 
 
-def test_image_runs_non_root_with_a_working_healthcheck(node_image: ImageBuild) -> None:
+UNHEALTHY_WITHIN_S = 45  # node/Dockerfile: 3 retries x (10 s interval + 3 s timeout) = 39 s, + Docker starting each probe
+
+
+def health(c: Any) -> str:
+    c.reload()
+    return str(c.attrs["State"].get("Health", {}).get("Status"))
+
+
+def test_image_runs_non_root_and_its_probe_reports_a_hung_node_unhealthy(node_image: ImageBuild) -> None:
+    """The image's health probe needs no Python (bash's /dev/tcp to /healthz). Injected: SIGSTOP
+    to the node process of a healthy container, so that its MCP server stops answering (the port
+    still accepts connections: the probe has to time out). Checked: unhealthy within the
+    documented 45 s, healthy again after SIGCONT."""
     client = docker.from_env()
     try:
         cfg = client.images.get(IMAGE_TAG).attrs["Config"]
         assert cfg["User"] == "10001:10001"
         assert {"4001/tcp", "8765/tcp"} <= set(cfg["ExposedPorts"])
-        assert cfg["Healthcheck"]["Test"][-1] == "healthcheck"
+        probe = cfg["Healthcheck"]["Test"]
+        assert probe[:3] == ["CMD", "bash", "-c"] and "/dev/tcp/" in probe[3] and "python" not in probe[3], probe
+        hc = cfg["Healthcheck"]
+        assert hc["Retries"] * (hc["Interval"] + hc["Timeout"]) / 1e9 == 39 < UNHEALTHY_WITHIN_S
         # the image records which sources it holds: the harness refuses a stale one
         assert cfg["Labels"][SOURCE_LABEL] == source_digest(REPO) and stale_image_hint(IMAGE_TAG) is None
         c = client.containers.run(IMAGE_TAG, detach=True, environment={"MCPP_ROLE": "bootstrap"},
                                   labels={"mcpp.harness": "1"})
         try:
-            def healthy() -> bool:
-                c.reload()
-                return bool(c.attrs["State"].get("Health", {}).get("Status") == "healthy")
-
-            wait_until(healthy, 40, 0.5)
+            wait_until(lambda: health(c) == "healthy", 40, 0.5)
             top = c.top(ps_args="-o pid,uid,args")["Processes"]
             assert any("mcpp node" in p[-1] for p in top), top
             assert {p[1] for p in top} == {"10001"}, f"every process runs as uid 10001: {top}"
+            pid = int(c.attrs["State"]["Pid"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                took = wait_until(lambda: health(c) == "unhealthy", UNHEALTHY_WITHIN_S, 0.25)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            print(f"unhealthy {took:.1f} s after the node stopped answering")
+            wait_until(lambda: health(c) == "healthy", 15, 0.5)
         finally:
             c.remove(force=True, v=True)
     finally:
@@ -119,6 +138,8 @@ def test_docker_backend_forms_the_mesh_through_the_dht(dc: DockerCluster) -> Non
                 assert env["MCPP_BOOTSTRAP"] == f"/dns4/node-0/tcp/4001/p2p/{boot_id}"
             bindings = attrs["HostConfig"]["PortBindings"]["8765/tcp"]
             assert [b["HostIp"] for b in bindings] == ["127.0.0.1"], "MCP is published on loopback only"
+        containers = [client.containers.get(dc.container_name(n.name)) for n in dc.nodes]
+        wait_until(lambda: all(health(c) == "healthy" for c in containers), 30, 0.5)  # the image's probe
     finally:
         client.close()
     data = read_cluster_file(dc.directory)
@@ -252,8 +273,11 @@ def test_compose_up_scale_3_runs_a_task_on_a_worker(node_image: ImageBuild, tmp_
         s = call(url, "task_submit", {"task_type": "echo", "payload": "compose"}, token=token)
         r = call(url, "task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 30}, token=token)
         assert r["status"] == "completed" and r["result"] == "compose" and r["worker"] in workers
-        ps = run([*cmd, "ps"], timeout=60).stdout
-        assert ps.count("healthy") >= 4 or ps.count("Up") >= 4, ps
+        def all_healthy() -> bool:
+            ps = run([*cmd, "ps"], timeout=60).stdout
+            return ps.count("(healthy)") == 4
+
+        wait_until(all_healthy, 30, 1)
         logs = run([*cmd, "logs", "--no-color"], timeout=60).stdout
         assert "node started" in logs and "DEVELOPMENT" not in logs
     finally:

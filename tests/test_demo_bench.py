@@ -64,6 +64,10 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "error" not in ct, ct
     assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4]
     assert len(ct["formation"][0]["rss_mb_per_container"]) == 4
+    (idle,) = ct["idle_cpu"]  # from each container's cgroup, and the node process alone
+    assert idle["containers"] == 4 and len(idle["cpu_percent_per_container"]) == 4
+    assert all(0 < n <= c for n, c in zip(idle["node_cpu_percent_per_container"], idle["cpu_percent_per_container"]))
+    assert (out / "container_idle_cpu.png").stat().st_size > 1000
     systems = data["systems"]
     assert sorted(systems) == ["celery", "dask", "mcpp", "ray"]
     for name in ("mcpp", "celery", "dask"):
@@ -73,6 +77,21 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "skipped" in systems["ray"] or systems["ray"]["noop_tasks_per_s"] > 0
     assert "## mcpp and its peers" in (out / "results.md").read_text()
     assert (out / "rss_per_system.png").stat().st_size > 1000
+
+
+def test_bench_only_containers_writes_its_own_json_markdown_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = subprocess.run(MCPP + ["bench", "--quick", "--only", "containers", "--out", str(out)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) >= {"containers", "command", "git_sha"} and "queue" not in data and "startup" not in data
+    assert data["command"].startswith("mcpp bench --quick --only containers")
+    (idle,) = data["containers"]["idle_cpu"]
+    assert idle["cpu_percent_per_container_mean"] > 0 and idle["node_cpu_percent_mean"] > 0
+    md = (out / "results.md").read_text()
+    assert "4 idle containers" in md and "<= 2.5 % per container" in md
+    assert data["plots"] == ["container_idle_cpu.png"] and sorted(p.name for p in out.glob("*.png")) == data["plots"]
 
 
 def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workflow_arguments(p)
     p.set_defaults(fn=_cmd_workflow)
 
-    p = sub.add_parser("healthcheck", help="exit 0 if this container's node answers /healthz (the image's HEALTHCHECK)")
+    p = sub.add_parser("healthcheck", help="exit 0 if this node answers /healthz (by hand; the image probes with bash, not Python)")
     p.add_argument("--url", help="default: http://127.0.0.1:$MCPP_MCP_PORT/healthz")
     p.add_argument("--timeout", type=float, default=2.0)
     p.set_defaults(fn=_cmd_healthcheck)
@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure start-up, RSS, formation and RPC latency; write JSON")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--only", choices=["containers"],
+                   help="one section alone: containers = image build, formation, RSS and idle CPU per container")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -33,6 +33,7 @@ from rich.table import Table
 
 from mcpp.net import identity
 from mcpp.config import NodeConfig
+from mcpp.evidence.bench_containers import container_rows, measure_containers, plot_idle_cpu
 from mcpp.harness import ProcessCluster, free_ports, node_status
 from mcpp.net.peers import percentile
 from mcpp.net.rpc import encode_frame
@@ -401,6 +402,9 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
     if tput:
         extra.append(figure("throughput_vs_workers.png", "Task throughput (2 cores for everything)",
                             "worker nodes / processes", "tasks / s", throughput))
+    if (idle_cpu := results.get("containers", {}).get("idle_cpu")):
+        extra.append(figure("container_idle_cpu.png", "Idle CPU per container (cgroup) and per node process",
+                            "containers in the mesh", "% of one core", lambda ax: plot_idle_cpu(ax, idle_cpu)))
     if any("idle_rss_mb" in v for v in systems.values()):
         extra.append(figure("rss_per_system.png", "Idle RSS of each system (3 workers, all processes)",
                             "system", "MB", rss))
@@ -494,20 +498,8 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{dd['workflows_per_s']} workflows/s | |")
     elif q:
         lines.append(f"| queue figures | failed: {q['error']} | |")
-    ct = r.get("containers")
-    if ct and "error" not in ct:
-        if "build_cold_s" in ct:
-            p = ct["build_cold_parts_s"]
-            lines.append(f"| image build from nothing (mmdebstrap base, wheels, every layer) | {ct['build_cold_s']} s "
-                         f"(base {p['base']} s, wheels {p['wheels']} s, docker build {p['docker_build']} s) | |")
-        lines.append(f"| image rebuild after a code change | {ct['build_warm_s']} s | seconds |")
-        lines.append(f"| image size | {ct['image_size_mb']} MB | < 300 MB |")
-        for f in ct["formation"]:
-            lines.append(f"| {f['nodes']} containers (Docker backend): all answering / formed | "
-                         f"{f['up_in_s']} s / {f['formed_in_s']} s | |")
-        lines.append(f"| idle RSS per container (docker stats, 4-container mesh) | {ct['idle_rss_mb_mean']} MB | |")
-    elif ct:
-        lines.append(f"| container figures | failed: {ct['error']} | |")
+    if "containers" in r:
+        lines += container_rows(r["containers"])
     if "systems" in r:
         lines += _systems_table(r["systems"])
     lines += ["", "Figures are from one run of the command above on this machine; rerun it to reproduce."]
@@ -567,6 +559,34 @@ def _systems_table(systems: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _print_table(md: str) -> None:
+    t = Table("figure", "value", "target")
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| figure") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            t.add_row(*cells)
+    console.print(t)
+
+
+def _containers_only(out: Path, tmp: Path, results: dict[str, Any]) -> int:
+    """`mcpp bench --only containers`: the container figures alone (JSON, markdown, plot)."""
+    with console.status("containers: image build, N-container formation, RSS and idle CPU per container"):
+        results["containers"] = measure_containers(tmp, results["quick"])
+    plots = _plots(out, {"formation": [], "containers": results["containers"]}, {}, {})
+    results["plots"] = [p for p in plots if p == "container_idle_cpu.png"]
+    for p in set(plots) - set(results["plots"]):
+        (out / p).unlink(missing_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    r = results
+    md = "\n".join([f"# mcpp benchmark {r['date']} ({r['git_sha']}): containers", "",
+                     f"Command: `{r['command']}` on {r['machine']['cpus']} cores, Python {r['machine']['python']}.", "",
+                     "| figure | value | target |", "|---|---|---|", *container_rows(r["containers"])]) + "\n"
+    (out / "results.md").write_text(md)
+    _print_table(md)
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
     date = dt.date.today().isoformat()
@@ -576,15 +596,18 @@ def run(args: argparse.Namespace) -> int:
         out = out / f"{date}-{sha}"
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="mcpp-bench-"))
-    command = "mcpp bench" + (" --quick" if quick else "") + f" --out {args.out}"
+    command = ("mcpp bench" + (" --quick" if quick else "") + (f" --only {args.only}" if args.only else "")
+               + f" --out {args.out}")
     calls = 1000 if quick else 5000
     try:
-        console.rule("mcpp bench" + (" (quick)" if quick else ""))
+        console.rule("mcpp bench" + (" (quick)" if quick else "") + (f" --only {args.only}" if args.only else ""))
         results: dict[str, Any] = {
             "date": date, "git_sha": sha, "quick": quick, "command": command,
             "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
                         "mem_gb": round(psutil.virtual_memory().total / 2**30, 1)},
         }
+        if args.only == "containers":
+            return _containers_only(out, tmp, results)
         with console.status("start-up to ready"):
             results["startup"] = measure_startup(tmp, 3 if quick else 7)
         console.print(f"start-up to ready: {results['startup']}")
@@ -631,9 +654,7 @@ def run(args: argparse.Namespace) -> int:
         task_samples: dict[str, list[float]] = {}
         with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
             results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
-        from mcpp.evidence.bench_containers import measure_containers
-
-        with console.status("containers: image build, N-container formation, RSS per container"):
+        with console.status("containers: image build, N-container formation, RSS and idle CPU per container"):
             results["containers"] = _guard(lambda: measure_containers(tmp, quick), {})
         console.print(f"containers: {results['containers']}")
         from mcpp.evidence.bench_workflow import measure_dask_diamonds
@@ -667,12 +688,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         md = _markdown(results, command)
         (out / "results.md").write_text(md)
-        t = Table("figure", "value", "target")
-        for line in md.splitlines():
-            if line.startswith("| ") and not line.startswith("| figure") and not line.startswith("|---"):
-                cells = [c.strip() for c in line.strip("|").split("|")]
-                t.add_row(*cells)
-        console.print(t)
+        _print_table(md)
         console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
         return 0
     finally:
