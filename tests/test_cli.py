@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from mcp import Client, StdioServerParameters
 
@@ -107,6 +108,50 @@ def test_stdio_transport_lists_tools(tmp_path: Path) -> None:
     tools, own = trio.run(go)
     assert {"peer_discover", "peer_connect", "peer_disconnect", "peer_list", "peer_metrics", "bootstrap_network"} <= tools
     assert own["role"] == "bootstrap" and own["peers_connected"] == 0 and own["rss_mb"] > 0
+
+
+def _stdio_node(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A stdio node with an MCP session open (initialize answered), its stdin left open."""
+    proc = subprocess.Popen(MCPP + ["node", "--mcp-transport", "stdio", "--data-dir", str(tmp_path), "--role",
+                                    "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    proc.stdin.write((json.dumps(init) + "\n").encode())
+    proc.stdin.flush()
+    answer = json.loads(proc.stdout.readline())
+    assert answer["id"] == 1 and "serverInfo" in answer["result"], answer
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stdio_node_stops_on_a_signal_with_stdin_open(tmp_path: Path, sig: signal.Signals) -> None:
+    """Injected: SIGTERM or SIGINT to a stdio node whose client keeps stdin open. Checked: it
+    exits with status 0 within 1 s (it used to wait for stdin to close)."""
+    proc = _stdio_node(tmp_path)
+    try:
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(5) == 0
+        took = time.monotonic() - t0
+        assert took < 1.0, f"stopped {took:.2f} s after {sig.name}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stdio_node_stops_when_stdin_closes(tmp_path: Path) -> None:
+    proc = _stdio_node(tmp_path)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_seed_renders_multiaddrs_a_node_accepts(tmp_path: Path) -> None:

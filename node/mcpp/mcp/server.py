@@ -12,9 +12,10 @@ import functools
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import trio
 
@@ -24,6 +25,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 from starlette.requests import Request
@@ -491,6 +493,55 @@ async def serve_http(
         task_status.started(node.mcp_url)
 
 
+class StdinLines:
+    """The MCP client's stdin as lines, read with os.read in a worker thread that a cancel
+    abandons. The SDK's own reader (`anyio.wrap_file`) runs `readline` in a thread that a cancel
+    must wait for, so a node told to stop (SIGTERM) stayed until the client closed stdin. Raw
+    os.read holds no Python-level lock, so an abandoned read does not block interpreter exit.
+
+    While it is open, fd 0 points at /dev/null (as the SDK does when it claims stdin itself), so
+    child processes read EOF instead of the MCP stream; `close` puts the stream back."""
+
+    def __init__(self) -> None:
+        self._fd = os.dup(0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        self._buf = b""
+        self._eof = False
+
+    def __aiter__(self) -> StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while b"\n" not in self._buf:
+            if self._eof:
+                if not self._buf:
+                    raise StopAsyncIteration
+                line, self._buf = self._buf, b""
+                return line.decode("utf-8", errors="replace")
+            chunk = await trio.to_thread.run_sync(os.read, self._fd, 65536, abandon_on_cancel=True)
+            self._eof = not chunk
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode("utf-8", errors="replace") + "\n"
+
+    def close(self) -> None:
+        """Give fd 0 back its stream. (A read abandoned in its thread keeps the duplicate: the
+        process is about to exit.)"""
+        with contextlib.suppress(OSError):
+            os.dup2(self._fd, 0)
+
+
 async def serve_stdio(server: MCPServer) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin."""
-    await server.run_stdio_async()
+    """Serve MCP on stdin/stdout until the client closes stdin, or until cancelled (SIGTERM,
+    SIGINT): a cancel does not wait for stdin to close (see StdinLines)."""
+    stdin = StdinLines()
+    try:
+        # MCPServer.run_stdio_async takes no stdin: run its low-level server (no public handle)
+        # on the SDK's stdio transport with ours; stdout stays the SDK's (fd 1 goes to stderr)
+        lowlevel = server._lowlevel_server
+        async with stdio_server(stdin=cast(Any, stdin)) as (read_stream, write_stream):
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+    finally:
+        stdin.close()
