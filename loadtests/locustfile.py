@@ -3,7 +3,8 @@
 Each simulated user opens an MCP session (streamable HTTP, `initialize` then
 `notifications/initialized`) on one node of the cluster (users are spread over all nodes) and
 calls tools with `tools/call`; every call is reported to Locust as a request named after the
-tool, failed when the HTTP status is not 200 or the result has `isError: true`.
+tool, failed when the HTTP status is not 200 or the result has `isError: true`. Responses are
+read either way the node sends them: a JSON body, or an SSE stream (the default).
 
 Task mix (weights): task_submit + task_result of an echo task (4), peer_list (2), queue_stats (2),
 workflow_submit of a 4-step diamond (1).
@@ -39,6 +40,19 @@ def _cluster() -> tuple[list[str], str | None]:
         with open(path) as f:
             data = json.load(f)
     return [n["mcp_url"] for n in data.get("nodes", [])], os.environ.get("MCPP_TOKEN") or data.get("token")
+
+
+def _response(r: Any) -> dict[str, Any]:
+    """The JSON-RPC response of a POST: the body (JSON responses), or the `data:` event that
+    carries it (SSE responses, the nodes' default, on this handshake-era revision)."""
+    if not r.headers.get("content-type", "").startswith("text/event-stream"):
+        return dict(r.json())
+    for line in r.text.splitlines():
+        if line.startswith("data:"):
+            msg = json.loads(line[5:])
+            if "result" in msg or "error" in msg:
+                return dict(msg)
+    raise ValueError("no response in the event stream")
 
 
 NODES, TOKEN = _cluster()
@@ -91,9 +105,9 @@ class McpUser(FastHttpUser):
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return None
             try:
-                doc = r.json()
+                doc = _response(r)
             except ValueError:
-                r.failure(f"not JSON: {r.text[:200]}")
+                r.failure(f"no JSON-RPC response: {r.text[:200]}")
                 return None
             result = doc.get("result") or {}
             if "error" in doc or result.get("isError"):

@@ -60,6 +60,10 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "error" not in dask, dask
     assert dask["workflows"] == 200 and dask["workflows_per_s"] > 0
     assert "x Dask" in (out / "results.md").read_text()
+    modes = {(m["response"], m["revision"]): m for m in data["mcp_modes"]}
+    assert set(modes) == {(r, v) for r in ("sse", "json") for v in ("2026-07-28", "2025-11-25")}
+    assert all(0 < m["p50_ms"] <= m["p99_ms"] for m in modes.values())
+    assert (out / "mcp_response_modes.png").stat().st_size > 1000
     ct = data["containers"]
     assert "error" not in ct, ct
     assert ct["image_size_mb"] > 0 and [f["nodes"] for f in ct["formation"]] == [4]
@@ -101,6 +105,7 @@ def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["errors"] == 0 and s["calls"] > 0 and s["calls_per_s"] > 0
+    assert s["mcp_response"] == "sse", "the nodes' default: Locust reads the SSE responses"
     assert set(s["per_tool"]) == {"task_submit", "task_result", "peer_list", "queue_stats", "workflow_submit"}
     assert (out / "locust_stats.csv").exists()
 

@@ -431,23 +431,43 @@ def test_queue_clear_and_unregister_without_drain(qc: ProcessCluster) -> None:
     assert r["attempts"] == 1, "a task stopped by its worker's unregister is not charged an attempt"
 
 
-def test_progress_notifications_over_sse(tmp_path: Path) -> None:
-    with ProcessCluster(2, tmp_path, node_args=["--mcp-response", "sse"], formation_timeout_s=60, token=TOKEN) as c:
+@pytest.mark.parametrize("response", ["default", "json"])
+def test_progress_notifications_with_the_default_response_mode(tmp_path: Path, response: str) -> None:
+    """The SDK client, on the 2026-07-28 revision and on 2025-11-25 (the initialize handshake),
+    waits on task_result and workflow_result with a progress callback: with the node's default
+    settings progress arrives during both waits; with --mcp-response json (an option) none does."""
+    args = [] if response == "default" else ["--mcp-response", "json"]
+    with ProcessCluster(2, tmp_path, node_args=args, formation_timeout_s=60, token=TOKEN) as c:
         url = c.nodes[0].mcp_url
-        s = call(url, "task_submit", {"task_type": "sleep", "payload": {"seconds": 2.5}})
-        seen: list[float] = []
+        for mode in ("auto", "legacy"):
+            s = call(url, "task_submit", {"task_type": "sleep", "payload": {"seconds": 2.5}})
+            seen: dict[str, list[tuple[float, float | None, str | None]]] = {"task": [], "workflow": []}
 
-        async def progress(p: float, total: float | None, message: str | None) -> None:
-            seen.append(p)
+            async def go() -> tuple[Any, Any]:
+                async with open_client(url, TOKEN, mode=mode) as cl:
+                    async def on_task(p: float, total: float | None, message: str | None) -> None:
+                        seen["task"].append((p, total, message))
 
-        async def go() -> Any:
-            async with open_client(url, TOKEN) as cl:
-                return await cl.call_tool("task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 10},
-                                          progress_callback=progress)
+                    async def on_wf(p: float, total: float | None, message: str | None) -> None:
+                        seen["workflow"].append((p, total, message))
 
-        r = structured(trio.run(go))
-        assert r["status"] == "completed"
-        assert len(seen) >= 1 and all(0 <= p <= 1 for p in seen)
+                    r = await cl.call_tool("task_result", {"task_id": s["task_id"], "wait": True, "timeout_s": 20},
+                                           progress_callback=on_task)
+                    w = structured(await cl.call_tool("workflow_submit", {"name": "p", "steps": [
+                        {"id": "a", "task_type": "sleep", "payload": {"seconds": 1.5}},
+                        {"id": "b", "task_type": "sleep", "payload": {"seconds": 1.5}, "depends_on": ["a"]}]}))
+                    wr = await cl.call_tool("workflow_result", {"workflow_id": w["workflow_id"], "wait": True,
+                                                                "timeout_s": 20}, progress_callback=on_wf)
+                    return r, wr
+
+            r, wr = trio.run(go)
+            assert structured(r)["status"] == "completed" and structured(wr)["status"] == "completed"
+            if response == "json":
+                assert seen == {"task": [], "workflow": []}, f"JSON responses carry no notifications ({mode})"
+                continue
+            assert seen["task"] and all(0 <= p <= 1 and t == 1.0 and m for p, t, m in seen["task"]), (mode, seen)
+            assert seen["workflow"] and all(t == 2.0 and 0 <= p <= 2 for p, t, m in seen["workflow"]), (mode, seen)
+            assert any("steps completed" in (m or "") for _, _, m in seen["workflow"])
 
 
 def test_store_is_sqlite_wal(qc: ProcessCluster) -> None:

@@ -22,7 +22,9 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mcp-host", metavar="H")
     p.add_argument("--mcp-port", metavar="P", type=int)
     p.add_argument("--mcp-transport", choices=["http", "stdio"])
-    p.add_argument("--mcp-response", choices=["json", "sse"], help="sse: stream progress notifications")
+    p.add_argument("--mcp-response", choices=["json", "sse"],
+                   help="sse (default): responses that can stream progress notifications; json: one JSON body, "
+                        "no notifications")
     p.add_argument("--allowed-hosts", metavar="HOST", nargs="+", help="extra Host headers the MCP endpoint accepts")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--capabilities", metavar="NAME", nargs="+")
@@ -321,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", default="30s", help="e.g. 30s, 2m (at most 10 minutes)")
     p.add_argument("--backend", choices=["process", "docker"], default="process")
     p.add_argument("--quick", action="store_true", help="15 s")
+    p.add_argument("--mcp-response", choices=["sse", "json"], default="sse",
+                   help="the nodes' MCP response mode (default: sse, the nodes' default)")
     p.add_argument("--out", default="loadtest-results")
     p.set_defaults(fn=_cmd_loadtest)
 
@@ -342,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure start-up, RSS, formation and RPC latency; write JSON")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--only", choices=["containers"],
-                   help="one section alone: containers = image build, formation, RSS and idle CPU per container")
+    p.add_argument("--only", choices=["containers", "mcp"],
+                   help="one section alone: containers = image build, formation, RSS and idle CPU per container; "
+                        "mcp = a tool call with SSE and JSON responses on both protocol revisions")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -51,7 +51,9 @@ class NodeConfig:
     mcp_transport: Literal["http", "stdio"] = "http"
     mcp_host: str = "127.0.0.1"
     mcp_port: int = DEFAULT_MCP_PORT
-    mcp_response: Literal["json", "sse"] = "json"  # sse streams progress notifications of waiting tools
+    # sse (the default) streams progress notifications of waiting tools; json answers every call
+    # with one JSON body and drops notifications (the SDK's JSON mode)
+    mcp_response: Literal["json", "sse"] = "sse"
     allowed_hosts: tuple[str, ...] = ()  # extra Host headers accepted by the MCP endpoint
     capabilities: tuple[str, ...] = ()
     log_level: str = "info"

@@ -34,6 +34,7 @@ from rich.table import Table
 from mcpp.net import identity
 from mcpp.config import NodeConfig
 from mcpp.evidence.bench_containers import container_rows, measure_containers, plot_idle_cpu
+from mcpp.evidence.bench_mcp import measure_response_modes, response_mode_rows
 from mcpp.harness import ProcessCluster, free_ports, node_status
 from mcpp.net.peers import percentile
 from mcpp.net.rpc import encode_frame
@@ -313,23 +314,13 @@ def measure_tcp_floor(calls: int) -> dict[str, Any]:
 def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]],
            task_samples: dict[str, list[float]]) -> list[str]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401 (a dependency of the bench extra)
     except ImportError:
         console.print("[yellow]matplotlib not installed: no plots[/]")
         return []
+
     def figure(name: str, title: str, xlabel: str, ylabel: str, draw: Callable[[Any], None]) -> str:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        return name
+        return _figure(out, name, title, xlabel, ylabel, draw)
 
     def cdf(ax: Any) -> None:
         for label, samples in rpc_samples.items():
@@ -402,6 +393,9 @@ def _plots(out: Path, results: dict[str, Any], rpc_samples: dict[str, list[int]]
     if tput:
         extra.append(figure("throughput_vs_workers.png", "Task throughput (2 cores for everything)",
                             "worker nodes / processes", "tasks / s", throughput))
+    if (modes := results.get("mcp_modes")):
+        extra.append(figure("mcp_response_modes.png", "peer_list on a warm SDK session",
+                            "node's response mode / protocol revision", "ms", lambda ax: _plot_modes(ax, modes)))
     if (idle_cpu := results.get("containers", {}).get("idle_cpu")):
         extra.append(figure("container_idle_cpu.png", "Idle CPU per container (cgroup) and per node process",
                             "containers in the mesh", "% of one core", lambda ax: plot_idle_cpu(ax, idle_cpu)))
@@ -498,6 +492,7 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{dd['workflows_per_s']} workflows/s | |")
     elif q:
         lines.append(f"| queue figures | failed: {q['error']} | |")
+    lines += response_mode_rows(r.get("mcp_modes", []))
     if "containers" in r:
         lines += container_rows(r["containers"])
     if "systems" in r:
@@ -568,23 +563,57 @@ def _print_table(md: str) -> None:
     console.print(t)
 
 
-def _containers_only(out: Path, tmp: Path, results: dict[str, Any]) -> int:
-    """`mcpp bench --only containers`: the container figures alone (JSON, markdown, plot)."""
-    with console.status("containers: image build, N-container formation, RSS and idle CPU per container"):
-        results["containers"] = measure_containers(tmp, results["quick"])
-    plots = _plots(out, {"formation": [], "containers": results["containers"]}, {}, {})
-    results["plots"] = [p for p in plots if p == "container_idle_cpu.png"]
-    for p in set(plots) - set(results["plots"]):
-        (out / p).unlink(missing_ok=True)
+def _plot_modes(ax: Any, rows: list[dict[str, Any]]) -> None:
+    labels = [f"{r['response']}\n{r['revision']}" for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["p50_ms"] for r in rows], 0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [r["p99_ms"] for r in rows], 0.4, label="p99")
+    ax.set_xticks(list(xs), labels)
+
+
+def _only(out: Path, tmp: Path, results: dict[str, Any], section: str) -> int:
+    """`mcpp bench --only SECTION`: one section's figures alone (JSON, markdown, plot)."""
+    if section == "containers":
+        with console.status("containers: image build, N-container formation, RSS and idle CPU per container"):
+            results["containers"] = measure_containers(tmp, results["quick"])
+        rows = container_rows(results["containers"])
+        plots = _plots(out, {"formation": [], "containers": results["containers"]}, {}, {})
+        results["plots"] = [p for p in plots if p == "container_idle_cpu.png"]
+        for p in set(plots) - set(results["plots"]):
+            (out / p).unlink(missing_ok=True)
+    else:  # mcp
+        with console.status("MCP tool calls: SSE and JSON responses, both protocol revisions"):
+            results["mcp_modes"] = measure_response_modes(tmp, 300 if results["quick"] else 1000)
+        rows = response_mode_rows(results["mcp_modes"])
+        results["plots"] = [_figure(out, "mcp_response_modes.png", "peer_list on a warm SDK session",
+                                    "node's response mode / protocol revision", "ms",
+                                    lambda ax: _plot_modes(ax, results["mcp_modes"]))]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     r = results
-    md = "\n".join([f"# mcpp benchmark {r['date']} ({r['git_sha']}): containers", "",
+    md = "\n".join([f"# mcpp benchmark {r['date']} ({r['git_sha']}): {section}", "",
                      f"Command: `{r['command']}` on {r['machine']['cpus']} cores, Python {r['machine']['python']}.", "",
-                     "| figure | value | target |", "|---|---|---|", *container_rows(r["containers"])]) + "\n"
+                     "| figure | value | target |", "|---|---|---|", *rows]) + "\n"
     (out / "results.md").write_text(md)
     _print_table(md)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
     return 0
+
+
+def _figure(out: Path, name: str, title: str, xlabel: str, ylabel: str, draw: Callable[[Any], None]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw(ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -606,8 +635,8 @@ def run(args: argparse.Namespace) -> int:
             "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
                         "mem_gb": round(psutil.virtual_memory().total / 2**30, 1)},
         }
-        if args.only == "containers":
-            return _containers_only(out, tmp, results)
+        if args.only:
+            return _only(out, tmp, results, args.only)
         with console.status("start-up to ready"):
             results["startup"] = measure_startup(tmp, 3 if quick else 7)
         console.print(f"start-up to ready: {results['startup']}")
@@ -654,6 +683,10 @@ def run(args: argparse.Namespace) -> int:
         task_samples: dict[str, list[float]] = {}
         with console.status("task queue: round trips, throughput with 1-3 workers, RSS with 10,000 queued"):
             results["queue"] = _guard(lambda: measure_queue(tmp, quick), {})
+        with console.status("MCP tool calls: SSE and JSON responses, both protocol revisions"):
+            results["mcp_modes"] = _guard(lambda: {"rows": measure_response_modes(tmp, 300 if quick else 1000)},
+                                          {}).get("rows", [])
+        console.print(f"MCP response modes: {results['mcp_modes']}")
         with console.status("containers: image build, N-container formation, RSS and idle CPU per container"):
             results["containers"] = _guard(lambda: measure_containers(tmp, quick), {})
         console.print(f"containers: {results['containers']}")

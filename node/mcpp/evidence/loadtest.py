@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "docker":
         from mcpp.harness.docker import DockerCluster
 
-        cluster = DockerCluster(args.nodes, out / "cluster")
+        cluster = DockerCluster(args.nodes, out / "cluster", env={"MCPP_MCP_RESPONSE": args.mcp_response})
     else:
-        cluster = ProcessCluster(args.nodes, out / "cluster", node_args=["--log-level", "warning"])
+        cluster = ProcessCluster(args.nodes, out / "cluster",
+                                 node_args=["--log-level", "warning", "--mcp-response", args.mcp_response])
     with console.status(f"starting a {args.nodes}-node mesh ({args.backend})"):
         cluster.__enter__()
     try:
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise HarnessError(f"locust wrote no stats (exit {res.returncode}): {res.stderr[-2000:]}")
         summary = summarise(out / "locust_stats.csv")
         summary.update({"nodes": args.nodes, "users": args.users, "duration": duration, "backend": args.backend,
+                        "mcp_response": args.mcp_response,
                         "wall_s": round(time.monotonic() - t0, 1), "locust_exit_code": res.returncode})
     finally:
         cluster.stop()

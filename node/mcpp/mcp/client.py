@@ -14,14 +14,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import trio
 from mcp import Client
+from mcp.client import ClaimContext, ClientExtension, ResultClaim
+from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult
 
 from mcpp.errors import ArgumentError
+from mcpp.mcp.tasks import EXTENSION, CreateTaskResult, GetTaskRequest, GetTaskResult, TaskIdParams
 
 __all__ = ["call_tool", "ToolCallError", "open_client", "structured", "auth_headers", "token_from_env",
-           "explain_failure", "cli_endpoint"]
+           "explain_failure", "cli_endpoint", "TasksClient", "get_task"]
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -53,11 +59,46 @@ async def _authed(url: str, token: str) -> AsyncIterator[Any]:
             yield streams
 
 
-def open_client(url: str, token: str | None = None) -> Client:
-    """An MCP session to a node (use as `async with`); token: the node's bearer token, if any."""
+def open_client(url: str, token: str | None = None, **options: Any) -> Client:
+    """An MCP session to a node (use as `async with`); token: the node's bearer token, if any;
+    options: the SDK Client's (mode="legacy" for the 2025-11-25 handshake, extensions=...)."""
     if not token:
-        return Client(url)
-    return Client(_authed(url, token))
+        return Client(url, **options)
+    return Client(_authed(url, token), **options)
+
+
+async def get_task(session: ClientSession, task_id: str, timeout_s: float | None = None) -> GetTaskResult:
+    """`tasks/get` on a session (`client.session` of a 2026-07-28 connection)."""
+    return await session.send_request(GetTaskRequest(params=TaskIdParams(task_id=task_id)), GetTaskResult,
+                                      request_read_timeout_seconds=timeout_s)
+
+
+async def _poll_to_result(handle: CreateTaskResult, claim: ClaimContext) -> CallToolResult:
+    """Resolve a task handle: `tasks/get` every pollIntervalMs until the task is final."""
+    while True:
+        got = await get_task(claim.session, handle.task_id, claim.read_timeout_seconds)
+        if got.status == "completed" and got.result is not None:
+            return CallToolResult.model_validate(got.result, by_name=False)
+        if got.status == "failed":
+            err = got.error or {}
+            raise MCPError(code=int(err.get("code", -32603)), message=str(err.get("message", "task failed")),
+                           data=err.get("data"))
+        if got.status == "cancelled":
+            return CallToolResult.model_validate({"content": [{"type": "text", "text": f"task {handle.task_id} "
+                                                               "was cancelled"}], "isError": True})
+        await trio.sleep((got.poll_interval_ms or handle.poll_interval_ms or 1000) / 1000)
+
+
+class TasksClient(ClientExtension):
+    """The MCP tasks extension for the SDK's Client: it declares `io.modelcontextprotocol/tasks`
+    on every request, so that `task_submit` and `workflow_submit` answer with a task handle.
+    `Client.call_tool` then polls it to the final result by itself; `client.session.call_tool(...,
+    allow_claimed=True)` returns the handle (a CreateTaskResult) to poll with `get_task`."""
+
+    identifier = EXTENSION
+
+    def claims(self) -> list[ResultClaim[Any]]:
+        return [ResultClaim(result_type="task", model=CreateTaskResult, resolve=_poll_to_result)]
 
 
 def explain_failure(url: str, token: str | None, error: BaseException) -> str:

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from mcpp import __version__
 from mcpp.errors import MCPPError
 from mcpp.log import kv
+from mcpp.mcp.tasks import MeshTasks
 from mcpp.metrics import CONTENT_TYPE
 from mcpp.node import PEER_STATUSES, SORT_KEYS, Node
 from mcpp.queue import QueueService
@@ -95,6 +96,37 @@ def _wants_progress(ctx: Context) -> bool:
     return isinstance(meta, dict) and (meta.get("progress_token") is not None or meta.get("progressToken") is not None)
 
 
+async def _wait_reporting(
+    ctx: Context | None,
+    progress: Callable[[], Awaitable[tuple[float, float, str]]],
+    wait: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Run `wait`; meanwhile, if the client sent a progress token, send it `progress()` every
+    PROGRESS_EVERY_S (a notification on the request's SSE stream: the default response mode)."""
+    if ctx is None or not _wants_progress(ctx):
+        return await wait()
+    out: dict[str, Any] = {}
+    failed: list[MCPPError] = []
+    async with trio.open_nursery() as n:
+
+        async def waiter() -> None:
+            try:
+                out.update(await wait())
+            except MCPPError as e:
+                failed.append(e)
+            finally:
+                n.cancel_scope.cancel()
+
+        n.start_soon(waiter)
+        while True:
+            await trio.sleep(PROGRESS_EVERY_S)
+            with contextlib.suppress(MCPPError):
+                await ctx.report_progress(*await progress())
+    if failed:
+        raise failed[0]
+    return out
+
+
 def _enum(values: tuple[str, ...], doc: str) -> Any:
     return Field(description=doc, json_schema_extra={"enum": list(values)})
 
@@ -105,6 +137,7 @@ def build_server(node: Node, queue: QueueService, workflows: WorkflowEngine) -> 
         version=__version__,
         instructions="An mcpp mesh node: its tools act on the whole peer-to-peer mesh.",
         log_level="WARNING",
+        extensions=[MeshTasks(queue, workflows)],  # MCP tasks (SEP-2663) for task_submit, workflow_submit
     )
 
     async def peer_discover(
@@ -221,29 +254,13 @@ def _add_queue_tools(node: Node, q: QueueService, server: MCPServer) -> None:
         """Result of any task of the mesh. wait=True blocks until it is final (at most timeout_s) and
         reports progress when the client sent a progress token. include_logs: the handler's log lines;
         include_history: every attempt with its worker, times and error."""
-        if not wait or ctx is None or not _wants_progress(ctx):
-            return await q.result(task_id, wait, timeout_s, include_logs, include_history)
-        out: dict[str, Any] = {}
-        failed: list[MCPPError] = []
-        async with trio.open_nursery() as n:
 
-            async def waiter() -> None:
-                try:
-                    out.update(await q.result(task_id, wait, timeout_s, include_logs, include_history))
-                except MCPPError as e:
-                    failed.append(e)
-                finally:
-                    n.cancel_scope.cancel()
+        async def progress() -> tuple[float, float, str]:
+            st = await q.status(task_id, False)
+            return float(st["progress"]), 1.0, f"{st['status']} (attempt {st['attempts']})"
 
-            n.start_soon(waiter)
-            while True:
-                await trio.sleep(PROGRESS_EVERY_S)
-                with contextlib.suppress(MCPPError):
-                    st = await q.status(task_id, False)
-                    await ctx.report_progress(float(st["progress"]), 1.0, f"{st['status']} (attempt {st['attempts']})")
-        if failed:
-            raise failed[0]
-        return out
+        return await _wait_reporting(ctx if wait else None, progress,
+                                     lambda: q.result(task_id, wait, timeout_s, include_logs, include_history))
 
     async def task_cancel(task_id: str, reason: str | None = None, force: bool = False) -> dict[str, Any]:
         """Cancel a task: a queued one at once; a running one is asked to stop on its worker and given
@@ -393,10 +410,19 @@ def _add_workflow_tools(node: Node, wf: WorkflowEngine, server: MCPServer) -> No
         timeout_s: float = 60,
         include_steps: bool = True,
         include_logs: bool = False,
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
         """Results by step id, errors by step id and the duration; wait=True blocks until the
-        workflow is final (at most timeout_s)."""
-        return await wf.result(workflow_id, wait, timeout_s, include_steps, include_logs)
+        workflow is final (at most timeout_s) and reports progress (steps completed of all) when
+        the client sent a progress token."""
+
+        async def progress() -> tuple[float, float, str]:
+            p = (await wf.status(workflow_id, False, False))["progress"]
+            return (float(p["completed"]), float(p["total"]),
+                    f"{p['completed']} of {p['total']} steps completed, {p['running']} running")
+
+        return await _wait_reporting(ctx if wait else None, progress,
+                                     lambda: wf.result(workflow_id, wait, timeout_s, include_steps, include_logs))
 
     for fn in (workflow_submit, workflow_status, workflow_cancel, workflow_list, workflow_dependencies,
                workflow_result):
@@ -459,7 +485,8 @@ def mcp_bind_host(config: Any) -> str:
 async def serve_http(
     node: Node, server: MCPServer, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve streamable HTTP at /mcp (JSON responses, or SSE with mcp_response=sse) until cancelled;
+    """Serve streamable HTTP at /mcp (SSE responses, which carry progress; or JSON with
+    mcp_response=json) until cancelled;
     reports the URL. With a token configured every /mcp request needs it; without one MCP binds to
     loopback only, whatever mcp_host says."""
     cfgn = node.config
@@ -520,7 +547,8 @@ class StdinLines:
                     raise StopAsyncIteration
                 line, self._buf = self._buf, b""
                 return line.decode("utf-8", errors="replace")
-            chunk = await trio.to_thread.run_sync(os.read, self._fd, 65536, abandon_on_cancel=True)
+            # (trio-typing's stubs still call abandon_on_cancel `cancellable`)
+            chunk = await trio.to_thread.run_sync(os.read, self._fd, 65536, abandon_on_cancel=True)  # type: ignore[call-arg]
             self._eof = not chunk
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
