@@ -55,7 +55,8 @@ def test_a_task_handle_from_node_a_runs_to_completion_through_tasks_get_on_node_
 
     handle, got, seen = trio.run(go)
     # the handle is the mesh task: its id is readable through the ordinary tools too
-    assert handle.result_type == "task" and handle.status == "working" and handle.ttl_ms is None
+    assert handle.result_type == "task" and handle.status == "working"
+    assert "ttl_ms" in handle.model_fields_set and handle.ttl_ms is None, "ttlMs: null is sent (no expiry)"
     assert handle.poll_interval_ms == 1000 and handle.created_at.endswith("Z")
     assert call(b, "task_status", {"task_id": handle.task_id})["status"] == "completed"
     assert seen[0] == "working" and got.status == "completed" and got.result_type == "complete", seen
@@ -73,7 +74,7 @@ def test_tasks_cancel_on_node_c_cancels_the_mesh_task(cluster: ProcessCluster) -
         async with tasks_client(c3) as c:
             ack = await c.session.send_request(CancelTaskRequest(params=TaskIdParams(task_id=handle.task_id)),
                                                AckResult)
-            assert ack.model_dump(by_alias=True, exclude_none=True).get("resultType") in (None, "complete")
+            assert ack.model_dump(by_alias=True, exclude_none=True)["resultType"] == "complete"
         return handle, await poll(b, handle.task_id, {"cancelled", "completed", "failed"}, 15)
 
     t0 = time.monotonic()
@@ -117,17 +118,41 @@ def test_a_task_that_ran_and_failed_is_completed_with_is_error(cluster: ProcessC
 
 def test_unknown_ids_and_undeclared_clients_get_the_spec_errors(cluster: ProcessCluster) -> None:
     a = cluster.nodes[1].mcp_url
+    # ids shaped like the mesh's own, owned by a live node (asked of it), and not ids at all
+    unknown = ["nope@nowhere", f"deadbeefdeadbeef@{cluster.nodes[3].peer_id}", f"wf0@{cluster.nodes[1].peer_id}",
+               "x" * 300]
 
-    async def go() -> tuple[int, int]:
+    async def go() -> tuple[list[int], int, int]:
+        codes = []
         async with tasks_client(a) as c:
-            with pytest.raises(MCPError) as unknown:
-                await get_task(c.session, "nope@nowhere")
+            for task_id in unknown:
+                with pytest.raises(MCPError) as e:
+                    await get_task(c.session, task_id)
+                codes.append(e.value.error.code)
         async with open_client(a, TOKEN) as plain:  # no extension declared
             with pytest.raises(MCPError) as undeclared:
                 await get_task(plain.session, "nope@nowhere")
-        return unknown.value.error.code, undeclared.value.error.code
+        async with tasks_client(a, mode="legacy") as legacy:  # 2025-11-25: no such method
+            with pytest.raises(MCPError) as old:
+                await get_task(legacy.session, "nope@nowhere")
+        return codes, undeclared.value.error.code, old.value.error.code
 
-    assert trio.run(go) == (-32602, -32021)
+    assert trio.run(go) == ([-32602] * len(unknown), -32021, -32601)
+
+
+def test_cancelling_a_final_task_is_acknowledged_and_changes_nothing(cluster: ProcessCluster) -> None:
+    a, b = cluster.nodes[0].mcp_url, cluster.nodes[4].mcp_url
+
+    async def go() -> Any:
+        handle = await submit_for_handle(a, "task_submit", {"task_type": "echo", "payload": "done"})
+        got = await poll(b, handle.task_id, {"completed"}, 10)
+        assert got.status == "completed"
+        async with tasks_client(b) as c:
+            await c.session.send_request(CancelTaskRequest(params=TaskIdParams(task_id=handle.task_id)), AckResult)
+            return await get_task(c.session, handle.task_id)
+
+    after = trio.run(go)
+    assert after.status == "completed" and after.result is not None and not after.result["isError"]
 
 
 @pytest.mark.parametrize("how", ["no extension", "2025-11-25"])

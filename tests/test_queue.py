@@ -466,6 +466,9 @@ def test_progress_notifications_with_the_default_response_mode(tmp_path: Path, r
                 assert seen == {"task": [], "workflow": []}, f"JSON responses carry no notifications ({mode})"
                 continue
             assert seen["task"] and all(0 <= p <= 1 and t == 1.0 and m for p, t, m in seen["task"]), (mode, seen)
+            for kind in ("task", "workflow"):  # MCP: progress increases with each notification
+                values = [p for p, _, _ in seen[kind]]
+                assert all(x < y for x, y in zip(values, values[1:])), (mode, kind, values)
             assert seen["workflow"] and all(t == 2.0 and 0 <= p <= 2 for p, t, m in seen["workflow"]), (mode, seen)
             assert any("steps completed" in (m or "") for _, _, m in seen["workflow"])
 

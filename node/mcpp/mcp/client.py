@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import trio
+import anyio
 from mcp import Client
 from mcp.client import ClaimContext, ClientExtension, ResultClaim
 from mcp.client.session import ClientSession
@@ -74,7 +74,8 @@ async def get_task(session: ClientSession, task_id: str, timeout_s: float | None
 
 
 async def _poll_to_result(handle: CreateTaskResult, claim: ClaimContext) -> CallToolResult:
-    """Resolve a task handle: `tasks/get` every pollIntervalMs until the task is final."""
+    """Resolve a task handle: `tasks/get` every pollIntervalMs until the task is final. (The
+    SDK runs this on anyio: it sleeps with anyio, so that it works on asyncio too.)"""
     while True:
         got = await get_task(claim.session, handle.task_id, claim.read_timeout_seconds)
         if got.status == "completed" and got.result is not None:
@@ -86,7 +87,10 @@ async def _poll_to_result(handle: CreateTaskResult, claim: ClaimContext) -> Call
         if got.status == "cancelled":
             return CallToolResult.model_validate({"content": [{"type": "text", "text": f"task {handle.task_id} "
                                                                "was cancelled"}], "isError": True})
-        await trio.sleep((got.poll_interval_ms or handle.poll_interval_ms or 1000) / 1000)
+        if got.status != "working":  # input_required (mcpp never asks), or a completed one without result
+            raise MCPError(code=-32603, message=f"task {handle.task_id}: unexpected status {got.status!r}"
+                           + (" without a result" if got.status == "completed" else ""))
+        await anyio.sleep((got.poll_interval_ms or handle.poll_interval_ms or 1000) / 1000)
 
 
 class TasksClient(ClientExtension):

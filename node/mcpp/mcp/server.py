@@ -118,10 +118,16 @@ async def _wait_reporting(
                 n.cancel_scope.cancel()
 
         n.start_soon(waiter)
+        last = -1.0
         while True:
             await trio.sleep(PROGRESS_EVERY_S)
-            with contextlib.suppress(MCPPError):
-                await ctx.report_progress(*await progress())
+            try:
+                done, total, message = await progress()
+                if done > last:  # MCP: progress MUST increase with each notification (a retried
+                    last = done  # task restarts its own progress at 0: nothing is sent until it passes)
+                    await ctx.report_progress(done, total, message)
+            except Exception as e:  # best effort: the wait goes on (a status the owner did not
+                log.debug("progress not sent", extra=kv(error=f"{type(e).__name__}: {e}"))  # answer...)
     if failed:
         raise failed[0]
     return out
@@ -521,44 +527,55 @@ async def serve_http(
 
 
 class StdinLines:
-    """The MCP client's stdin as lines, read with os.read in a worker thread that a cancel
-    abandons. The SDK's own reader (`anyio.wrap_file`) runs `readline` in a thread that a cancel
-    must wait for, so a node told to stop (SIGTERM) stayed until the client closed stdin. Raw
-    os.read holds no Python-level lock, so an abandoned read does not block interpreter exit.
+    """The MCP client's stdin as lines, read with os.read in one of trio's worker threads, which
+    a cancel abandons (they are daemon threads: an abandoned read does not hold up the exit).
+    The SDK's own reader (`anyio.wrap_file`) runs `readline` in an anyio thread that a cancel
+    must wait for, so a node told to stop (SIGTERM) stayed until the client closed stdin.
+    Lines are split on bytes and decoded whole (a character split across reads stays intact).
 
     While it is open, fd 0 points at /dev/null (as the SDK does when it claims stdin itself), so
     child processes read EOF instead of the MCP stream; `close` puts the stream back."""
 
     def __init__(self) -> None:
-        self._fd = os.dup(0)
+        self._fd: int | None = os.dup(0)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no newline
         self._eof = False
 
     def __aiter__(self) -> StdinLines:
         return self
 
     async def __anext__(self) -> str:
-        while b"\n" not in self._buf:
-            if self._eof:
+        while (nl := self._buf.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buf)
+            if self._eof or self._fd is None:
                 if not self._buf:
                     raise StopAsyncIteration
-                line, self._buf = self._buf, b""
+                line = bytes(self._buf)
+                self._buf.clear()
                 return line.decode("utf-8", errors="replace")
             # (trio-typing's stubs still call abandon_on_cancel `cancellable`)
             chunk = await trio.to_thread.run_sync(os.read, self._fd, 65536, abandon_on_cancel=True)  # type: ignore[call-arg]
             self._eof = not chunk
             self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode("utf-8", errors="replace") + "\n"
+        line = bytes(self._buf[:nl + 1])
+        del self._buf[:nl + 1]
+        self._scanned = 0
+        return line.decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        """Give fd 0 back its stream. (A read abandoned in its thread keeps the duplicate: the
-        process is about to exit.)"""
+        """Give fd 0 back its stream; our duplicate is closed unless a read may still use it (one
+        abandoned in its thread by a cancel: the process is about to exit)."""
+        if self._fd is None:
+            return
         with contextlib.suppress(OSError):
             os.dup2(self._fd, 0)
+        if self._eof:
+            os.close(self._fd)
+        self._fd = None
 
 
 async def serve_stdio(server: MCPServer) -> None:

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -37,14 +40,17 @@ from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, Cal
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ConfigDict
 
-from mcpp.errors import MCPPError, OwnerError, TaskNotFound
+from mcpp.errors import ArgumentError, MCPPError, OwnerError
 from mcpp.queue import QueueService
-from mcpp.workflow.engine import WorkflowEngine, WorkflowNotFound
+from mcpp.log import kv
+from mcpp.workflow.engine import WorkflowEngine
 
 __all__ = ["EXTENSION", "MeshTasks", "TaskIdParams", "UpdateTaskParams", "GetTaskRequest", "CancelTaskRequest",
            "UpdateTaskRequest", "CreateTaskResult", "GetTaskResult", "AckResult", "declared"]
 
+log = logging.getLogger("mcpp.mcp")
 EXTENSION = "io.modelcontextprotocol/tasks"
+KINDS_KEPT = 10_000  # ids whose kind (task or workflow) this node remembers
 MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
 POLL_INTERVAL_MS = 1000
 TASK_TOOLS = ("task_submit", "workflow_submit")
@@ -119,16 +125,18 @@ def declared(ctx: ServerRequestContext[Any, Any]) -> bool:
     if ctx.protocol_version not in MODERN:
         return False
     caps = ctx.session.client_capabilities
-    return caps is not None and bool(caps.extensions) and EXTENSION in (caps.extensions or {})
+    return caps is not None and EXTENSION in (caps.extensions or {})
 
 
-def _not_found(e: MCPPError, kind: type[MCPPError]) -> bool:
-    """`kind` raised here, or at the owner the call was forwarded to (its class name is the code)."""
-    return isinstance(e, kind) or (isinstance(e, OwnerError) and e.code == kind.__name__)
+def _unknown(e: MCPPError) -> bool:
+    """No such task / workflow, or not an id at all: here (an ArgumentError: TaskNotFound and
+    WorkflowNotFound are ones), or at the owner the call was forwarded to (class name = code)."""
+    return isinstance(e, ArgumentError) or (
+        isinstance(e, OwnerError) and e.code in ("TaskNotFound", "WorkflowNotFound", "ArgumentError"))
 
 
-def _iso(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts or 0.0, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _tool_result(doc: dict[str, Any], is_error: bool, text: str | None = None) -> dict[str, Any]:
@@ -145,6 +153,25 @@ class MeshTasks(Extension):
     def __init__(self, queue: QueueService, workflows: WorkflowEngine) -> None:
         self.queue = queue
         self.workflows = workflows
+        self._kinds: OrderedDict[str, str] = OrderedDict()  # id -> "task" | "workflow", newest last
+
+    def _remember(self, task_id: str, kind: str) -> None:
+        self._kinds[task_id] = kind
+        self._kinds.move_to_end(task_id)
+        while len(self._kinds) > KINDS_KEPT:
+            self._kinds.popitem(last=False)
+
+    def _first_guess(self, task_id: str) -> str:
+        """Which kind to ask for first: remembered, or held here (a coordinator asked for its own
+        workflow would otherwise ask the whole mesh for a task of that id first)."""
+        if task_id in self._kinds:
+            return self._kinds[task_id]
+        return "workflow" if self.workflows.store.exists(task_id) else "task"
+
+    async def _status_of(self, kind: str, task_id: str) -> dict[str, Any]:
+        if kind == "task":
+            return await self.queue.status(task_id, False)
+        return await self.workflows.status(task_id, False, False)
 
     def methods(self) -> Sequence[MethodBinding]:
         return [MethodBinding("tasks/get", TaskIdParams, self._get, protocol_versions=MODERN),
@@ -160,8 +187,16 @@ class MeshTasks(Extension):
         if not isinstance(res, CallToolResult) or res.is_error or not res.structured_content:
             return res  # refused (bad input, quota...): the tool's error, as without the extension
         doc = res.structured_content
-        task_id = str(doc["task_id"] if params.name == "task_submit" else doc["workflow_id"])
-        task = await self._detailed(task_id, with_result=False)
+        kind = "task" if params.name == "task_submit" else "workflow"
+        task_id = str(doc[f"{kind}_id"])
+        self._remember(task_id, kind)
+        try:
+            task = await self._detailed(task_id, with_result=False)
+        except MCPError as e:  # submitted and durable, but its owner did not answer the status now:
+            log.warning("task handle without a fresh status", extra=kv(task_id=task_id, error=e.error.message))
+            now = _iso(time.time())  # the client must still learn the id (a retry would run it twice)
+            task = {"taskId": task_id, "status": "working", "statusMessage": str(doc.get("status")),
+                    "createdAt": now, "lastUpdatedAt": now, "ttlMs": None, "pollIntervalMs": POLL_INTERVAL_MS}
         return {"resultType": "task", **task}
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
@@ -188,19 +223,20 @@ class MeshTasks(Extension):
         return {}  # a final task is acknowledged and left as it is
 
     async def _lookup(self, task_id: str) -> tuple[str, dict[str, Any]]:
-        """("task" | "workflow", its status), asked of its owner; -32602 if the mesh has neither."""
-        try:
+        """("task" | "workflow", its status), asked of its owner; -32602 if the mesh has neither
+        (or it is not an id), -32603 if its owner cannot answer."""
+        first = self._first_guess(task_id)
+        for kind in (first, "workflow" if first == "task" else "task"):
             try:
-                return "task", await self.queue.status(task_id, False)
+                st = await self._status_of(kind, task_id)
             except MCPPError as e:
-                if not _not_found(e, TaskNotFound):
-                    raise
-            return "workflow", await self.workflows.status(task_id, False, False)
-        except MCPPError as e:
-            if _not_found(e, WorkflowNotFound):
-                raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: no task or workflow "
-                                                             f"{task_id!r} in the mesh") from None
-            raise MCPError(code=INTERNAL_ERROR, message=f"Failed to retrieve task {task_id!r}: {e}") from e
+                if _unknown(e):
+                    continue
+                raise MCPError(code=INTERNAL_ERROR, message=f"Failed to retrieve task {task_id!r}: {e}") from e
+            self._remember(task_id, kind)
+            return kind, st
+        raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: no task or workflow {task_id!r} "
+                                                     "in the mesh")
 
     async def _detailed(self, task_id: str, with_result: bool) -> dict[str, Any]:
         """The spec's (Detailed)Task for a mesh task or workflow."""
@@ -208,9 +244,9 @@ class MeshTasks(Extension):
         status, message = (self._task_status(st) if kind == "task" else self._workflow_status(st))
         out: dict[str, Any] = {
             "taskId": task_id, "status": status, "statusMessage": message,
-            "createdAt": _iso(st.get("created_at")),
-            "lastUpdatedAt": _iso(max(t for t in (st.get("created_at"), st.get("started_at"), st.get("finished_at"))
-                                      if t is not None) if st.get("created_at") else None),
+            "createdAt": _iso(float(st["created_at"])),
+            "lastUpdatedAt": _iso(max(float(t) for t in (st["created_at"], st.get("started_at"), st.get("finished_at"))
+                                      if t is not None)),
             "ttlMs": None,  # kept until queue_clear: no expiry
             "pollIntervalMs": POLL_INTERVAL_MS,
         }

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from mcpp.queue.service import QueueService
 
-from mcpp.errors import ArgumentError, MCPPError, QueueError, WorkflowError
+from mcpp.errors import ArgumentError, MCPPError, OwnerError, QueueError, WorkflowError
 from mcpp.log import kv
 from mcpp.queue.model import TaskRecord, check_limit, check_number, check_str_list, json_size, owner_of
 from mcpp.workflow.model import (
@@ -421,6 +421,8 @@ class WorkflowEngine:
         try:
             return dict(await self.q.owner_call(owner, method, params, timeout_s))
         except QueueError as e:
+            if isinstance(e, OwnerError) and e.code == WorkflowNotFound.__name__:  # keep its kind
+                raise WorkflowNotFound(str(params.get("workflow_id"))) from None
             raise WorkflowError(str(e).replace("task_id:", "workflow_id:").replace("task's", "workflow's")) from None
 
     async def submit(self, name: Any, steps: Any, workflow_id: Any, template: Any, params: Any,
