@@ -5,6 +5,7 @@ a task handle from one node is read and cancelled at others; clients without the
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +168,24 @@ def test_clients_without_the_extension_get_the_submit_result_as_before(cluster: 
     out = trio.run(go)
     assert out["status"] in ("queued", "running", "completed") and "@" in out["task_id"]
     wait_until(lambda: call(url, "task_status", {"task_id": out["task_id"]})["status"] == "completed", 10)
+
+
+def test_a_handle_survives_its_owner_killed_and_restarted(tmp_path: Path) -> None:
+    """Injected: kill -9 of the node that owns a task just handed out as an MCP task (no worker
+    serves its type yet, so it is still queued), then a restart on the same data dir. Checked:
+    tasks/get on another node resolves it, and it runs to completion once a worker serves it."""
+    with ProcessCluster(3, tmp_path, formation_timeout_s=60, token=TOKEN) as c:
+        for n in c.nodes:
+            call(n.mcp_url, "worker_register", {"capabilities": ["echo"]})
+        a, b = c.nodes[0], c.nodes[1]
+        handle = trio.run(submit_for_handle, a.mcp_url, "task_submit", {"task_type": "sleep",
+                                                                        "payload": {"seconds": 0.5}})
+        c.kill(a.name)
+        c.restart(a.name)
+        c.wait_formed(60)
+        before = trio.run(poll, b.mcp_url, handle.task_id, {"working"}, 30)
+        assert before.status == "working" and before.status_message.startswith("queued")
+        call(b.mcp_url, "worker_register", {"capabilities": ["echo", "sleep"]})
+        got = trio.run(poll, b.mcp_url, handle.task_id, {"completed", "failed", "cancelled"}, 30)
+        assert got.status == "completed" and got.result is not None
+        assert got.result["structuredContent"]["result"] == {"slept_s": 0.5}
