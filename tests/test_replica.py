@@ -15,18 +15,22 @@ from mcpp.harness import ProcessCluster
 
 @pytest.fixture()
 def rc(tmp_path: Path) -> Iterator[ProcessCluster]:
-    with ProcessCluster(3, tmp_path, node_args=["--owner-timeout-s", "3", "--lease-s", "1.5", "--replication", "sync"], token=TOKEN) as c:
+    with ProcessCluster(3, tmp_path, node_args=["--owner-timeout-s", "3", "--lease-s", "1.5", "--replication", "sync"],
+                        token=TOKEN) as c:
         yield c
 
 
 def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCluster) -> None:
     """Injected: node-1 owns 20 queued tasks (its dispatch paused), then kill -9, no restart.
-    Checked (replication=sync): a replica held all 20 as soon as the submits returned; after owner_timeout_s (3 s) it adopts
+    Checked (replication=sync): each submit said a replica held it, and one did
+    as soon as the submits returned; after owner_timeout_s (3 s) it adopts
     them; every one completes exactly once (one successful attempt) on a surviving worker, and is
     read through node-2; then node-1 comes back and drops what was adopted (one record survives)."""
     a, c = rc.record("node-1"), rc.record("node-2")
     call(a.mcp_url, "queue_pause", {"reason": "hold the tasks at their owner"})
-    ids = [call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": {"n": i}})["task_id"] for i in range(20)]
+    acks = [call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": {"n": i}}) for i in range(20)]
+    assert [s["replicas"] for s in acks] == [1] * 20, "acknowledged means held by the owner and one replica"
+    ids = [s["task_id"] for s in acks]
     assert all(t.endswith("@" + a.peer_id) for t in ids)
     local = call(a.mcp_url, "task_list", {"scope": "local", "status": "queued"})
     assert local["total"] == 20
@@ -50,17 +54,28 @@ def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCl
 
 
 def test_async_replication_copies_within_moments(tmp_path: Path) -> None:
-    """The default (async): task_submit does not wait, and the copies reach a replica within a
-    second."""
+    """The default (async): task_submit does not wait (and does not say how many replicas hold
+    the task), and the copies reach a replica within a second."""
     with ProcessCluster(3, tmp_path, token=TOKEN) as c:
         a, b = c.record("node-1"), c.record("node-2")
         call(a.mcp_url, "queue_pause", {})
         for i in range(30):
-            call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": i})
+            assert "replicas" not in call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": i})
         wait_until(lambda: call(b.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"] >= 30, 5)
         call(a.mcp_url, "queue_resume", {})
         # finished tasks are forgotten by the replica (final states follow in batches)
         wait_until(lambda: call(b.mcp_url, "queue_stats", {"scope": "mesh"})["replicas_held"] == 0, 15)
+
+
+def test_an_owner_alone_or_with_replicas_0_says_no_replica_holds_the_task(tmp_path: Path) -> None:
+    """With --replication sync the acknowledgement is honest about where the task is: a node
+    alone in its mesh, and one configured with --replicas 0, answer replicas: 0 (the owner's
+    disk only)."""
+    with ProcessCluster(1, tmp_path / "alone", node_args=["--replication", "sync"], token=TOKEN) as c:
+        assert call(c.nodes[0].mcp_url, "task_submit", {"task_type": "echo", "payload": 1})["replicas"] == 0
+    with ProcessCluster(2, tmp_path / "zero", node_args=["--replicas", "0", "--replication", "sync"],
+                        token=TOKEN) as c:
+        assert call(c.nodes[1].mcp_url, "task_submit", {"task_type": "echo", "payload": 1})["replicas"] == 0
 
 
 def test_a_replica_cut_off_from_a_live_owner_does_not_adopt(tmp_path: Path) -> None:

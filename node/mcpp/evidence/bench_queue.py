@@ -91,6 +91,29 @@ async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: in
             "total_s": round(t1 - t0, 3), "per_worker": sorted(workers.values(), reverse=True)}
 
 
+REPLICATION_SETTINGS = (("replicas 0", 0, False), ("replicas 1, async (default)", 1, False),
+                        ("replicas 1, sync", 1, True))
+
+
+async def _replication_cost(app: Services, rounds: int, rtts: int, tasks: int) -> list[dict[str, Any]]:
+    """What acknowledging on two nodes costs: round trips and no-op throughput (3 workers) with
+    each replication setting of the owner (this process), interleaved in rounds, same run."""
+    rep = app.queue.replicator
+    saved = (rep.copies, rep.sync)
+    got: dict[str, dict[str, list[float]]] = {name: {"rtt": [], "tput": []} for name, _, _ in REPLICATION_SETTINGS}
+    try:
+        for _ in range(rounds):
+            for name, copies, sync in REPLICATION_SETTINGS:
+                rep.copies, rep.sync = copies, sync
+                got[name]["rtt"] += await _round_trips(app, rtts)
+                got[name]["tput"].append((await _throughput(app, tasks))["tasks_per_s"])
+    finally:
+        rep.copies, rep.sync = saved
+    return [{"setting": name, "rtt_p50_ms": _lat(v["rtt"])["p50_ms"], "rtt_p99_ms": _lat(v["rtt"])["p99_ms"],
+             "noop_tasks_per_s": round(statistics.median(v["tput"]), 1), "noop_tasks_per_s_all": v["tput"]}
+            for name, v in got.items()]
+
+
 async def _queued_rss(app: Services, n: int) -> dict[str, Any]:
     q = app.queue
     proc = psutil.Process()
@@ -162,6 +185,10 @@ async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, An
             t = await _throughput(app, 150 if quick else 600, "sha256", CPU_ROUNDS)
             out.setdefault("cpu_throughput", []).append({"worker_nodes": serving, "max_concurrent": 4,
                                                          "rounds": CPU_ROUNDS, **t})
+        await _register(c, 3, 64)
+        await _wait_views(app, 3)
+        out["replication_cost"] = await _replication_cost(app, 1 if quick else 3, 200 if quick else 500,
+                                                          1000 if quick else 3000)
         out["queued_rss"] = await _queued_rss(app, 10_000)
         await _register(c, 3, 4)
     return out

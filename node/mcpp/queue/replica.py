@@ -5,9 +5,10 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
   sha256(peer id) (the Kademlia metric), so every node computes the same set.
 - A new record goes out at once, pipelined: one `r.put` per replica peer is in flight, and the
   next carries everything accepted meanwhile. With `replication = "sync"`, `task_submit`
-  returns only after its record reached the replicas (or REPLICATE_WAIT_S passed); with
-  "async" (the default) it returns at once and the copy follows within one round trip (a kill
-  in that window loses the just-accepted tasks; they are durable on the owner's disk).
+  returns only after its record reached the replicas (or REPLICATE_WAIT_S passed) and says
+  how many hold it (`replicas`); with "async" (the default) it returns at once and the copy
+  follows within one round trip (an owner lost for good in that window loses the just-accepted
+  tasks; they are durable on the owner's disk).
   Final states are sent later, batched, so replicas forget finished tasks.
 - When the replica set changes (a replica left, a closer peer joined), the owner sends every
   active record to the new members.
@@ -97,6 +98,14 @@ def _distance(a: str, b: str) -> int:
     return ha ^ hb
 
 
+@dataclasses.dataclass
+class _Delivery:
+    """One batch of copies in flight: set once sent, with how many replicas confirmed it."""
+
+    event: trio.Event = dataclasses.field(default_factory=trio.Event)
+    held_by: int = 0
+
+
 class Replicator:
     """Both sides: this node as an owner (sending copies) and as a replica (holding, adopting)."""
 
@@ -110,7 +119,7 @@ class Replicator:
         self.db = q.store.connection
         self.db.executescript(_SCHEMA)
         self._batch: list[dict[str, Any]] = []
-        self._batch_done: trio.Event | None = None
+        self._batch_done: _Delivery | None = None
         self._finals: list[str] = []
         self._last_set: tuple[str, ...] = ()
         self._absent_since: dict[str, float] = {}
@@ -135,37 +144,43 @@ class Replicator:
         peers.sort(key=lambda p: _distance(self.me, p))
         return peers[: self.copies]
 
-    async def replicate(self, task_id: str) -> None:
+    async def replicate(self, task_id: str) -> int | None:
         """Copy a just-accepted task to the replica peers. One batch is in flight at a time and
-        the next one collects everything accepted meanwhile. With `sync` the caller returns
-        when its batch was delivered (or after REPLICATE_WAIT_S); otherwise at once."""
+        the next one collects everything accepted meanwhile (group commit). With `sync` the
+        caller returns when its batch was delivered (or after REPLICATE_WAIT_S) and learns how
+        many peers confirmed they hold it (0: none, e.g. a node alone); otherwise at once, None."""
         if self.copies <= 0 or not self.q.peers():
-            return
+            return 0 if self.sync else None
         rec = self.q.store.get(task_id)
         if rec is None or rec.final:
-            return
+            return 0 if self.sync else None
         self._batch.append(pack(rec))
-        ev = self._batch_done
-        if ev is None:
-            ev = self._batch_done = trio.Event()
+        done = self._batch_done
+        if done is None:
+            done = self._batch_done = _Delivery()
         if not self._flushing:
             self._flushing = True
             self.q.spawn(self._flusher)
-        if self.sync:
-            with trio.move_on_after(REPLICATE_WAIT_S):
-                await ev.wait()
+        if not self.sync:
+            return None
+        with trio.move_on_after(REPLICATE_WAIT_S):
+            await done.event.wait()
+        return done.held_by
 
     async def _flusher(self) -> None:
         try:
             while self._batch:
                 await trio.lowlevel.checkpoint()  # submits arriving meanwhile join this batch
-                batch, ev = self._batch, self._batch_done
+                batch, done = self._batch, self._batch_done
                 self._batch, self._batch_done = [], None
+                peers = self.replica_peers()
                 try:
-                    await self._send(self.replica_peers(), {"records": batch})
+                    failed = await self._send(peers, {"records": batch})
+                    if done is not None:
+                        done.held_by = len(peers) - len(failed)
                 finally:
-                    if ev is not None:
-                        ev.set()
+                    if done is not None:
+                        done.event.set()
         finally:
             self._flushing = False
 

@@ -392,7 +392,9 @@ class QueueService:
                 raise TaskNotFound(d, f"depends_on[{i}]")
         out = self.broker.submit(**a, dep_status=dep_status)
         if not out.get("existing") and out["status"] in ("queued", "blocked"):
-            await self.replicator.replicate(out["task_id"])  # with replication=sync: once a replica holds it
+            held_by = await self.replicator.replicate(out["task_id"])  # sync: once the replicas hold it
+            if held_by is not None:
+                out["replicas"] = held_by
         return out
 
     async def status(self, task_id: Any, include_metrics: bool) -> dict[str, Any]:
