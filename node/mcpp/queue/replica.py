@@ -3,8 +3,8 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
 
 - The replica set of an owner is the `replicas` connected peers closest to it by XOR distance of
   sha256(peer id) (the Kademlia metric), so every node computes the same set.
-- A new record goes out at once, pipelined: one `r.put` per replica peer is in flight, and the
-  next carries everything accepted meanwhile. With `replication = "sync"`, `task_submit`
+- A new record goes out at once, pipelined: up to PUTS_IN_FLIGHT `r.put` batches are in
+  flight, and while all are, the next collects everything accepted meanwhile. With `replication = "sync"`, `task_submit`
   returns only after its record reached the replicas (or REPLICATE_WAIT_S passed) and says
   how many hold it (`replicas`); with "async" (the default) it returns at once and the copy
   follows within one round trip (an owner lost for good in that window loses the just-accepted
@@ -48,6 +48,7 @@ __all__ = ["Replicator", "pack", "unpack"]
 
 log = logging.getLogger("mcpp.replica")
 REPLICATE_WAIT_S = 2.0
+PUTS_IN_FLIGHT = 4  # batches of copies on their way to the replicas at once
 FINAL_FLUSH_S = 0.5
 CHECK_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.0
@@ -120,6 +121,7 @@ class Replicator:
         self.db.executescript(_SCHEMA)
         self._batch: list[dict[str, Any]] = []
         self._batch_done: _Delivery | None = None
+        self._put_slots = trio.Semaphore(PUTS_IN_FLIGHT)
         self._finals: list[str] = []
         self._last_set: tuple[str, ...] = ()
         self._absent_since: dict[str, float] = {}
@@ -168,21 +170,27 @@ class Replicator:
         return done.held_by
 
     async def _flusher(self) -> None:
+        """Send the collected records as a batch as soon as one of PUTS_IN_FLIGHT slots is free;
+        while all are taken, the next batch keeps collecting (group commit)."""
         try:
             while self._batch:
+                await self._put_slots.acquire()
                 await trio.lowlevel.checkpoint()  # submits arriving meanwhile join this batch
                 batch, done = self._batch, self._batch_done
                 self._batch, self._batch_done = [], None
-                peers = self.replica_peers()
-                try:
-                    failed = await self._send(peers, {"records": batch})
-                    if done is not None:
-                        done.held_by = len(peers) - len(failed)
-                finally:
-                    if done is not None:
-                        done.event.set()
+                self.q.spawn(self._deliver, self.replica_peers(), batch, done)
         finally:
             self._flushing = False
+
+    async def _deliver(self, peers: list[str], batch: list[dict[str, Any]], done: _Delivery | None) -> None:
+        try:
+            failed = await self._send(peers, {"records": batch})
+            if done is not None:
+                done.held_by = len(peers) - len(failed)
+        finally:
+            if done is not None:
+                done.event.set()
+            self._put_slots.release()
 
     async def _send(self, peers: list[str], body: dict[str, Any]) -> list[str]:
         """r.put to each peer; returns the peers it failed for."""
