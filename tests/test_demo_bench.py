@@ -74,7 +74,10 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert len(ct["formation"][0]["rss_mb_per_container"]) == 4
     (idle,) = ct["idle_cpu"]  # from each container's cgroup, and the node process alone
     assert idle["containers"] == 4 and len(idle["cpu_percent_per_container"]) == 4
-    assert all(0 < n <= c for n, c in zip(idle["node_cpu_percent_per_container"], idle["cpu_percent_per_container"]))
+    # the node is part of its container: its /proc time (10 ms ticks, read a moment apart from the
+    # cgroup's ns) is at most the container's, give or take the ticks of a 10 s window
+    assert all(0 < n <= c + 0.3 for n, c in zip(idle["node_cpu_percent_per_container"],
+                                                   idle["cpu_percent_per_container"])), idle
     assert (out / "container_idle_cpu.png").stat().st_size > 1000
     systems = data["systems"]
     assert sorted(systems) == ["celery", "dask", "mcpp", "ray"]
