@@ -53,9 +53,9 @@ def test_bench_quick_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert len(q["throughput"][2]["per_worker"]) == 3, "3 worker nodes all took tasks"
     assert q["queued_rss"]["queued"] == 10_000
     cost = {x["setting"]: x for x in q["replication_cost"]}
-    assert list(cost) == ["replicas 0", "replicas 1, async (default)", "replicas 1, sync"]
+    assert list(cost) == ["replicas 0", "replicas 1, sync (default)", "replicas 1, async"]
     assert all(0 < x["rtt_p50_ms"] <= x["rtt_p99_ms"] and x["noop_tasks_per_s"] > 0 for x in cost.values())
-    assert "acknowledgement with replicas 1, sync" in (out / "results.md").read_text()
+    assert "acknowledgement with replicas 1, sync (default)" in (out / "results.md").read_text()
     assert (out / "throughput_vs_workers.png").stat().st_size > 1000
     assert q["step_overhead"]["chain_steps"] == 20 and q["step_overhead"]["chain_ms_median"] > 0
     assert q["diamonds"]["workflows"] == 200 and q["diamonds"]["workflows_per_s"] > 0

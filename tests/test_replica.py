@@ -54,9 +54,9 @@ def test_owner_killed_for_good_its_queued_tasks_complete_elsewhere(rc: ProcessCl
 
 
 def test_async_replication_copies_within_moments(tmp_path: Path) -> None:
-    """The default (async): task_submit does not wait (and does not say how many replicas hold
+    """--replication async: task_submit does not wait (and does not say how many replicas hold
     the task), and the copies reach a replica within a second."""
-    with ProcessCluster(3, tmp_path, token=TOKEN) as c:
+    with ProcessCluster(3, tmp_path, node_args=["--replication", "async"], token=TOKEN) as c:
         a, b = c.record("node-1"), c.record("node-2")
         call(a.mcp_url, "queue_pause", {})
         for i in range(30):

@@ -41,8 +41,8 @@ def _node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner-timeout-s", metavar="S", type=float,
                    help="a replica adopts the tasks of an owner gone this long (10)")
     p.add_argument("--replication", choices=["async", "sync"],
-                   help="sync: task_submit returns once the replicas hold the task and says how many (replicas); "
-                        "async (default): it returns at once, the copy follows")
+                   help="sync (default): task_submit returns once the replicas hold the task and says how many "
+                        "(replicas); async: it returns at once, the copy follows")
     p.add_argument("--token-file", metavar="FILE",
                    help="file holding the MCP bearer token (or set MCPP_TOKEN); without one, MCP binds to loopback only")
     p.add_argument("--protect-metrics", action="store_const", const=True,

@@ -71,7 +71,7 @@ class NodeConfig:
     handlers: tuple[str, ...] = ()  # extra task types: NAME=module:function
     replicas: int = 1  # peers that hold a copy of each accepted task (0: none; see queue/replica.py)
     owner_timeout_s: float = 10.0  # a replica adopts the tasks of an owner gone this long
-    replication: Literal["async", "sync"] = "async"  # sync: task_submit waits for the replicas' copy
+    replication: Literal["async", "sync"] = "sync"  # sync: task_submit waits for the replicas' copy
     # security (issue 8): secrets never appear in repr or logs
     token: str | None = field(default=None, repr=False)  # MCP bearer token; None = MCP on loopback only
     token_file: str | None = None  # a file holding the token (Compose/Kubernetes secrets)

@@ -26,6 +26,7 @@ from mcpp.runner import Services, open_services
 __all__ = ["measure_queue"]
 
 ALL_TYPES = ["echo", "sleep", "sha256", "fail"]
+CLOSED_LOOP = 8  # submit loops of the closed-loop variant (each waits for its acknowledgement)
 CPU_ROUNDS = 20_000  # the same as the peers' (bench_peers.PeerCounts.rounds)
 
 
@@ -62,8 +63,12 @@ async def _round_trips(app: Services, n: int) -> list[float]:
     return out
 
 
-async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: int = 0) -> dict[str, Any]:
+async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: int = 0,
+                      submitters: int | None = None) -> dict[str, Any]:
+    """n tasks submitted at once (as the peers' map / remote calls are), or by `submitters`
+    closed loops; done when every task is final."""
     q = app.queue
+    submitters = submitters or n
     ids: list[str] = []
     t0 = time.perf_counter()
 
@@ -76,8 +81,8 @@ async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: in
             ids.append(s["task_id"])
 
     async with trio.open_nursery() as nursery:
-        for j in range(8):
-            nursery.start_soon(submitter, n // 8, j * (n // 8))
+        for j in range(submitters):
+            nursery.start_soon(submitter, n // submitters, j * (n // submitters))
     t_submitted = time.perf_counter()
     for tid in ids:
         await q.broker.wait_final(tid)
@@ -91,8 +96,8 @@ async def _throughput(app: Services, n: int, task_type: str = "echo", rounds: in
             "total_s": round(t1 - t0, 3), "per_worker": sorted(workers.values(), reverse=True)}
 
 
-REPLICATION_SETTINGS = (("replicas 0", 0, False), ("replicas 1, async (default)", 1, False),
-                        ("replicas 1, sync", 1, True))
+REPLICATION_SETTINGS = (("replicas 0", 0, False), ("replicas 1, sync (default)", 1, True),
+                        ("replicas 1, async", 1, False))
 
 
 async def _replication_cost(app: Services, rounds: int, rtts: int, tasks: int) -> list[dict[str, Any]]:
@@ -100,17 +105,20 @@ async def _replication_cost(app: Services, rounds: int, rtts: int, tasks: int) -
     each replication setting of the owner (this process), interleaved in rounds, same run."""
     rep = app.queue.replicator
     saved = (rep.copies, rep.sync)
-    got: dict[str, dict[str, list[float]]] = {name: {"rtt": [], "tput": []} for name, _, _ in REPLICATION_SETTINGS}
+    got: dict[str, dict[str, list[float]]] = {name: {"rtt": [], "tput": [], "loop": []}
+                                              for name, _, _ in REPLICATION_SETTINGS}
     try:
         for _ in range(rounds):
             for name, copies, sync in REPLICATION_SETTINGS:
                 rep.copies, rep.sync = copies, sync
                 got[name]["rtt"] += await _round_trips(app, rtts)
                 got[name]["tput"].append((await _throughput(app, tasks))["tasks_per_s"])
+                got[name]["loop"].append((await _throughput(app, tasks, submitters=CLOSED_LOOP))["tasks_per_s"])
     finally:
         rep.copies, rep.sync = saved
     return [{"setting": name, "rtt_p50_ms": _lat(v["rtt"])["p50_ms"], "rtt_p99_ms": _lat(v["rtt"])["p99_ms"],
-             "noop_tasks_per_s": round(statistics.median(v["tput"]), 1), "noop_tasks_per_s_all": v["tput"]}
+             "noop_tasks_per_s": round(statistics.median(v["tput"]), 1), "noop_tasks_per_s_all": v["tput"],
+             f"noop_tasks_per_s_{CLOSED_LOOP}_loops": round(statistics.median(v["loop"]), 1)}
             for name, v in got.items()]
 
 

@@ -82,12 +82,21 @@ class Broker(Dependencies):
     def submit(self, task_type: str, payload: Any, task_id: str | None, priority: float,
                depends_on: list[str], tags: list[str], timeout_s: float, retry_policy: Any,
                metadata: dict[str, Any], cache_ttl_s: float, dep_status: dict[str, str]) -> dict[str, Any]:
+        """`accept`, answered as `task_submit` answers."""
+        rec, existed = self.accept(task_type, payload, task_id, priority, depends_on, tags, timeout_s,
+                                   retry_policy, metadata, cache_ttl_s, dep_status)
+        return self.submitted(rec, existed)
+
+    def accept(self, task_type: str, payload: Any, task_id: str | None, priority: float,
+               depends_on: list[str], tags: list[str], timeout_s: float, retry_policy: Any,
+               metadata: dict[str, Any], cache_ttl_s: float, dep_status: dict[str, str]) -> tuple[TaskRecord, bool]:
         """Accept a task (arguments already checked by `check_submit`); `dep_status` holds the
-        current status of every dependency (looked up by the service, across the mesh)."""
+        current status of every dependency (looked up by the service, across the mesh). Returns
+        the stored record and whether it existed already (a repeated task id)."""
         if task_id is not None:
             existing = self.store.get(task_id)
             if existing is not None:
-                return self._submitted(existing, existed=True)
+                return existing, True
         total = self.queued_count()
         if total >= self.settings.max_queued_tasks:
             raise QuotaExceeded("max_queued_tasks", f"this node already holds {total} waiting tasks "
@@ -114,24 +123,24 @@ class Broker(Dependencies):
                                   worker=hit.worker, cached_from=hit.task_id, attempts=0)
                 self.store.insert(rec)
                 self._finished(rec)
-                return self._submitted(rec)
+                return rec, False
         failed_deps = [d for d in depends_on if dep_status.get(d) in FINAL - {"completed"}]
         if failed_deps:
             d = failed_deps[0]
             rec = rec.replace(status="failed", finished_at=t, error=f"depends_on: {d} ended {dep_status[d]}")
             self.store.insert(rec)
             self._finished(rec)
-            return self._submitted(rec)
+            return rec, False
         if any(dep_status.get(d) != "completed" for d in depends_on):
             rec = rec.replace(status="blocked")
             self.store.insert(rec)
             self._block(rec)
-            return self._submitted(self.store.get(rec.task_id) or rec)
+            return self.store.get(rec.task_id) or rec, False
         self.store.insert(rec)
         self._enqueue(rec)
-        return self._submitted(rec)
+        return rec, False
 
-    def _submitted(self, rec: TaskRecord, existed: bool = False) -> dict[str, Any]:
+    def submitted(self, rec: TaskRecord, existed: bool = False) -> dict[str, Any]:
         pos = self.queue_position(rec.task_id)
         out = {
             "task_id": rec.task_id,

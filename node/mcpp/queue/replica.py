@@ -146,15 +146,12 @@ class Replicator:
         peers.sort(key=lambda p: _distance(self.me, p))
         return peers[: self.copies]
 
-    async def replicate(self, task_id: str) -> int | None:
+    async def replicate(self, rec: TaskRecord) -> int | None:
         """Copy a just-accepted task to the replica peers. One batch is in flight at a time and
         the next one collects everything accepted meanwhile (group commit). With `sync` the
         caller returns when its batch was delivered (or after REPLICATE_WAIT_S) and learns how
         many peers confirmed they hold it (0: none, e.g. a node alone); otherwise at once, None."""
-        if self.copies <= 0 or not self.q.peers():
-            return 0 if self.sync else None
-        rec = self.q.store.get(task_id)
-        if rec is None or rec.final:
+        if self.copies <= 0 or rec.final or not self.q.peers():
             return 0 if self.sync else None
         self._batch.append(pack(rec))
         done = self._batch_done
@@ -286,11 +283,14 @@ class Replicator:
         if not isinstance(recs, list) or (finals is not None and not isinstance(finals, list)):
             raise ArgumentError("records", "must be a list")
         rows = []
+        t = time.time()
         for d in recs[:1000]:
-            rec = unpack(d)
-            if rec.owner != peer:
+            # the shape only: a copy is read in full (unpack) if it is ever adopted
+            if not isinstance(d, dict) or d.keys() != _FIELDS or not isinstance(d["task_id"], str):
+                raise ArgumentError("records", "each record must have exactly the task record's fields")
+            if d["owner"] != peer:
                 raise ArgumentError("records", "a peer may only replicate tasks it owns")
-            rows.append((rec.task_id, peer, json.dumps(d, separators=(",", ":")), time.time()))
+            rows.append((d["task_id"], peer, json.dumps(d, separators=(",", ":")), t))
         self.db.execute("BEGIN")
         try:
             self.db.executemany("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?)", rows)

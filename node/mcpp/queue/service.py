@@ -378,8 +378,8 @@ class QueueService:
         return await self._accept(args)
 
     async def _accept(self, a: dict[str, Any]) -> dict[str, Any]:
-        if a["task_id"] is not None and self.store.exists(a["task_id"]):
-            return self.broker.submit(**a, dep_status={})  # idempotent: returns the existing task
+        if a["task_id"] is not None and (existing := self.store.get(a["task_id"])) is not None:
+            return self.broker.submitted(existing, existed=True)  # idempotent: returns the existing task
         deps: list[str] = a["depends_on"]
         dep_status: dict[str, str] = {}
         by_owner: dict[str, list[str]] = {}
@@ -390,9 +390,10 @@ class QueueService:
         for i, d in enumerate(deps):
             if d not in dep_status:
                 raise TaskNotFound(d, f"depends_on[{i}]")
-        out = self.broker.submit(**a, dep_status=dep_status)
-        if not out.get("existing") and out["status"] in ("queued", "blocked"):
-            held_by = await self.replicator.replicate(out["task_id"])  # sync: once the replicas hold it
+        rec, existed = self.broker.accept(**a, dep_status=dep_status)
+        out = self.broker.submitted(rec, existed)
+        if not existed and not rec.final:
+            held_by = await self.replicator.replicate(rec)  # sync: once the replicas hold it
             if held_by is not None:
                 out["replicas"] = held_by
         return out
