@@ -16,8 +16,9 @@ CI_DURATION_S = 45
 
 
 def test_mcpp_chaos_short_run_loses_nothing_and_completes_nothing_twice(tmp_path: Path) -> None:
-    """Injected: kill -9 (+ restart), graceful restarts and SIGSTOP past the lease of random nodes
-    of a 4-node mesh, every ~4 s for 45 s, under a steady load of tasks and diamond workflows.
+    """Injected: kill -9 (+ restart), kill -9 for good (data removed), a fresh node joining,
+    graceful restarts and SIGSTOP past the lease of random nodes of a 4-node mesh, every ~4 s
+    for 45 s, under a steady load of tasks and diamond workflows.
     Checked: the verdict of `mcpp chaos` (every accepted task final, none completed twice,
     workflows consistent with their graph, no wedged node) and that faults really happened."""
     out = tmp_path / "chaos"
@@ -30,6 +31,10 @@ def test_mcpp_chaos_short_run_loses_nothing_and_completes_nothing_twice(tmp_path
     assert v["workflows"]["submitted"] >= 5 and v["workflows"]["inconsistent"] == []
     kinds = [f["kind"] for f in v["faults"]]
     assert v["faults_injected"] >= 4 and "kill -9" in kinds and {"pause", "restart (SIGTERM)"} & set(kinds)
+    # a node lost for good (its data removed, never restarted) and a fresh node joining
+    assert v["lost_for_good"] >= 1 and v["fresh_joins"] >= 1, kinds
+    gone = next(f for f in v["faults"] if f["kind"] == "kill -9 for good")
+    assert gone["permanent"] is True and gone["node"] != "node-0"
     record = json.loads((out / "record.json").read_text())
     assert set(record["accepted"]) <= set(record["observations"])
     assert "0 lost, 0 duplicated" in " ".join(res.stdout.split())  # rich wraps lines (with a trailing space)

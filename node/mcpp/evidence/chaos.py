@@ -2,13 +2,15 @@
 
 It starts a cluster with the harness, keeps a steady load of tasks and diamond workflows on
 random nodes through MCP, and meanwhile a nemesis injects faults into random nodes, one at a
-time: `kill -9` (then a restart), a graceful restart, a pause past the task lease
-(SIGSTOP/SIGCONT, or `docker pause`), and with the Docker backend a network partition
-(`docker network disconnect` for a while, then reconnect). Every accepted submit and every
+time: `kill -9` (then a restart), `kill -9` for good (its data removed, never restarted; never
+the bootstrap, and never below MIN_NODES), a fresh node joining, a graceful restart, a pause
+past the task lease (SIGSTOP/SIGCONT, or `docker pause`), and with the Docker backend a network
+partition (`docker network disconnect` for a while, then reconnect). Every accepted submit and every
 observed completion is recorded. After the load stops and every node runs again, it checks:
 
-- every accepted task reaches a final state (else it is *lost*; a task id the mesh no longer
-  knows is lost too);
+- every accepted task reaches a final state, read through the nodes still in the mesh (else it
+  is *lost*; a task id the mesh no longer knows is lost too, e.g. one whose owner was lost for
+  good with no replica holding it);
 - no task is completed twice in the record (the owner's attempt history has at most one
   successful attempt, and every observation of its result, from different nodes, agrees);
 - every workflow is final and consistent with its graph (completed: each step's result is what
@@ -48,7 +50,8 @@ console = Console()
 FINAL = {"completed", "failed", "cancelled", "dead_lettered"}
 WF_FINAL = {"completed", "failed", "cancelled"}
 LOG_LINES_KEPT = 20_000
-INJECTED = ("kill -9", "restart (SIGTERM)", "pause", "partition")
+INJECTED = ("kill -9", "restart (SIGTERM)", "pause", "partition", "kill -9 for good", "join")
+MIN_NODES = 3  # a permanent kill never leaves fewer nodes than this
 CALL_TIMEOUT_S = 5.0  # a call to a paused node must not stall the load
 
 
@@ -124,9 +127,9 @@ class Chaos:
                     kind, payload = ("sleep", {"seconds": 0.2}) if roll < 0.3 else ("echo", {"k": k})
                     r = await self._call(name, "task_submit", {"task_type": kind, "payload": payload})
                     self.rec.accepted[r["task_id"]] = {"node": name, "t": self.rec.t(), "type": kind,
-                                                       "payload": payload}
-            except (ToolCallError, trio.TooSlowError, OSError, BaseExceptionGroup, httpx.HTTPError):
-                self.rec.submit_failures += 1  # not accepted: nothing is owed
+                                                       "payload": payload, "replicas": r.get("replicas")}
+            except (ToolCallError, trio.TooSlowError, OSError, BaseExceptionGroup, httpx.HTTPError, HarnessError):
+                self.rec.submit_failures += 1  # not accepted (or the node was just lost): nothing is owed
             await trio.sleep(0.02)
 
     # ---- nemesis -----------------------------------------------------------------------
@@ -135,14 +138,17 @@ class Chaos:
         log.info("fault", extra={"kind": kind, "node": name})
 
     async def _nemesis(self) -> None:
-        kinds = ["kill", "pause", "restart"] + (["partition"] if self.cfg.backend == "docker" else [])
+        kinds = ["kill", "pause", "restart", "lose", "join"] + (["partition"] if self.cfg.backend == "docker" else [])
         await trio.sleep(min(2.0, self.cfg.fault_every_s))
         order: list[str] = []
         while not self.stop_load.is_set():
             if not order:  # every kind once per round, in a random order: a short run sees them all
                 order = self.rng.sample(kinds, len(kinds))
-            name = self.rng.choice(self._names())
             kind = order.pop()
+            if kind == "lose" and len(self._names()) <= MIN_NODES:
+                kind = "join"
+            # the bootstrap is a well-known, stable identity: it is never lost for good
+            name = self.rng.choice([n for n in self._names() if kind != "lose" or n != "node-0"])
             self.down.add(name)
             try:
                 await self._inject(kind, name)
@@ -154,7 +160,14 @@ class Chaos:
     async def _inject(self, kind: str, name: str) -> None:
         c = self.c
         run = trio.to_thread.run_sync
-        if kind == "kill":
+        if kind == "lose":
+            self._fault("kill -9 for good", name, permanent=True, data="removed")
+            await run(c.remove, name)
+        elif kind == "join":
+            rec = await run(c.add_node)
+            self._fault("join", rec.name, fresh=True, peer_id=rec.peer_id)
+            await self._call(rec.name, "worker_register", {"capabilities": ["echo", "sleep"], "max_concurrent": 8}, 15)
+        elif kind == "kill":
             self._fault("kill -9", name)
             await run(c.kill, name, signal.SIGKILL)
             await trio.sleep(self.rng.uniform(1.0, 3.0))
@@ -308,6 +321,9 @@ class Chaos:
             "final_by_status": statuses, "retried": retried, "lost": len(lost), "duplicated": len(duplicated),
             "lost_ids": lost[:50], "duplicated_ids": duplicated[:50], "submit_failures": self.rec.submit_failures,
             "workflows": workflows, "wedged": wedged, "faults_injected": len(faults), "faults": self.rec.faults,
+            "lost_for_good": sum(1 for f in faults if f.get("permanent")),
+            "fresh_joins": sum(1 for f in faults if f["kind"] == "join"),
+            "acknowledged_without_replica": sum(1 for a in self.rec.accepted.values() if a.get("replicas") == 0),
             "nodes": self.cfg.nodes, "backend": self.cfg.backend, "duration_s": self.cfg.duration_s,
             "seed": self.cfg.seed,
         }

@@ -106,6 +106,7 @@ class DockerCluster(ClusterCommon):
     _roles: dict[str, str] = field(default_factory=dict)
     _ports: dict[str, int] = field(default_factory=dict)
     _partitioned: dict[str, str] = field(default_factory=dict)  # name -> its address, while cut off
+    _boot_id: str = ""
     _network: Any = None
     backend = "docker"
 
@@ -127,7 +128,6 @@ class DockerCluster(ClusterCommon):
         return f"mcpp-{self.run_id}-{name}"
 
     def start(self) -> list[NodeRecord]:
-        from testcontainers.core.container import DockerContainer
         from testcontainers.core.network import Network
 
         if not image_exists(self.image):
@@ -146,41 +146,64 @@ class DockerCluster(ClusterCommon):
         self._network = Network(docker_network_kw={"labels": self._labels(), "ipam": _own_subnet()}).create()
         ports = free_ports(self.size)
         t0 = time.monotonic()
+        self._boot_id = boot_id
         for i in range(self.size):
-            name = f"node-{i}"
-            role = "bootstrap" if i == 0 else "worker"
-            c = (DockerContainer(self.image)
-                 .with_name(self.container_name(name))
-                 .with_network(self._network)
-                 .with_network_aliases(name)
-                 .with_env("MCPP_ROLE", role)
-                 .with_env("MCPP_ALLOWED_HOSTS", name)
-                 .with_kwargs(labels=self._labels(), hostname=name))
-            if self.token:
-                c.with_env("MCPP_TOKEN", self.token)
-            if self.swarm_key:
-                c.with_env("MCPP_SWARM_KEY", self.swarm_key)
-            for k, v in (self.env or {}).items():
-                c.with_env(k, v)
-            if i == 0:
-                c.with_env("MCPP_IDENTITY", KEY_PATH)
-                c.with_copy_into_container(boot_key.read_bytes(), KEY_PATH, 0o444)
-            else:
-                c.with_env("MCPP_BOOTSTRAP", f"/dns4/node-0/tcp/{P2P_PORT}/p2p/{boot_id}")
-            if self.node_args:
-                c.with_command(list(self.node_args))
-            # published on 127.0.0.1 only (docker-py takes an (ip, port) tuple)
-            c.ports[f"{MCP_PORT}/tcp"] = ("127.0.0.1", ports[i])  # type: ignore[assignment]
-            self._containers[name] = c
-            self._roles[name] = role
-            self._ports[name] = ports[i]
-            c.start()
+            self._new_container(f"node-{i}", "bootstrap" if i == 0 else "worker", ports[i])
         # cold Python starts in every container: N containers on 2 cores take longer than 60 s
         self.nodes = self._wait_records(list(self._containers), time.monotonic() + max(60.0, self.formation_timeout_s))
         self.up_in_s = time.monotonic() - t0
         self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
         self.write_cluster_file()
         return self.nodes
+
+    def _new_container(self, name: str, role: str, port: int) -> None:
+        from testcontainers.core.container import DockerContainer
+
+        c = (DockerContainer(self.image)
+             .with_name(self.container_name(name))
+             .with_network(self._network)
+             .with_network_aliases(name)
+             .with_env("MCPP_ROLE", role)
+             .with_env("MCPP_ALLOWED_HOSTS", name)
+             .with_kwargs(labels=self._labels(), hostname=name))
+        if self.token:
+            c.with_env("MCPP_TOKEN", self.token)
+        if self.swarm_key:
+            c.with_env("MCPP_SWARM_KEY", self.swarm_key)
+        for k, v in (self.env or {}).items():
+            c.with_env(k, v)
+        if role == "bootstrap":
+            c.with_env("MCPP_IDENTITY", KEY_PATH)
+            c.with_copy_into_container((self.directory / "keys" / "node-0.key").read_bytes(), KEY_PATH, 0o444)
+        else:
+            c.with_env("MCPP_BOOTSTRAP", f"/dns4/node-0/tcp/{P2P_PORT}/p2p/{self._boot_id}")
+        if self.node_args:
+            c.with_command(list(self.node_args))
+        # published on 127.0.0.1 only (docker-py takes an (ip, port) tuple)
+        c.ports[f"{MCP_PORT}/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
+        self._containers[name] = c
+        self._roles[name] = role
+        self._ports[name] = port
+        c.start()
+
+    def add_node(self) -> NodeRecord:
+        """A fresh worker container (new identity, empty /data) joins the running mesh."""
+        name = f"node-{1 + max(int(n.split('-')[1]) for n in self._containers)}"
+        self._new_container(name, "worker", free_ports(1)[0])
+        self.nodes = self._wait_records([name], time.monotonic() + 90)
+        self.write_cluster_file()
+        return self.record(name)
+
+    def remove(self, name: str) -> None:
+        """Lose a node for good: kill -9, the container removed with its volume (its /data)."""
+        w = self._wrapped(name)
+        with contextlib.suppress(Exception):
+            w.kill(signal="SIGKILL")
+        w.remove(v=True, force=True)
+        for d in (self._containers, self._roles, self._ports):
+            d.pop(name, None)
+        self.nodes = [n for n in self.nodes if n.name != name]
+        self.write_cluster_file()
 
     def _base(self, name: str) -> str:
         return f"http://127.0.0.1:{self._ports[name]}"

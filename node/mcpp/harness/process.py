@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -384,6 +385,8 @@ class ProcessCluster(ClusterCommon):
     up_in_s: float = 0.0  # until every node's endpoint answered (process start-up included)
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _server: _ForkServer | None = None
+    _boot_addr: str = ""
+    _secret_args: list[str] = field(default_factory=list)
     backend = "process"
 
     def __post_init__(self) -> None:
@@ -411,33 +414,52 @@ class ProcessCluster(ClusterCommon):
         if not boot_key.exists():
             identity.save(identity.generate(), boot_key)
         boot_id = identity.peer_id_of(identity.load(boot_key))
-        boot_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{boot_id}"
-        secret_args = self._write_secrets()
+        self._boot_addr = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{boot_id}"
+        self._secret_args = self._write_secrets()
         t0 = time.monotonic()
         for i in range(self.size):
-            name = f"node-{i}"
-            role = "bootstrap" if i == 0 else "worker"
-            p2p_port, mcp_port = ports[2 * i], ports[2 * i + 1]
-            argv = [
-                sys.executable, "-m", "mcpp", "node",
-                "--role", role,
-                "--identity", str(d / "keys" / f"{name}.key"),
-                "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}",
-                "--mcp-host", "127.0.0.1",
-                "--mcp-port", str(mcp_port),
-                "--data-dir", str(d / "data" / name),
-                *secret_args,
-                *self.node_args,
-            ]
-            if role == "worker":
-                argv += ["--bootstrap", boot_addr]
-            self._procs[name] = _Proc(name, role, argv, d / "logs" / f"{name}.log", mcp_port)
-            self._spawn(self._procs[name])
+            self._new_proc(f"node-{i}", "bootstrap" if i == 0 else "worker", ports[2 * i], ports[2 * i + 1])
         self.nodes = self._wait_records()
         self.up_in_s = time.monotonic() - t0
         self.formed_in_s = self.wait_formed(self.formation_timeout_s, _t0=t0)
         self.write_cluster_file()
         return self.nodes
+
+    def _new_proc(self, name: str, role: str, p2p_port: int, mcp_port: int) -> None:
+        d = self.directory
+        argv = [
+            sys.executable, "-m", "mcpp", "node",
+            "--role", role,
+            "--identity", str(d / "keys" / f"{name}.key"),
+            "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}",
+            "--mcp-host", "127.0.0.1",
+            "--mcp-port", str(mcp_port),
+            "--data-dir", str(d / "data" / name),
+            *self._secret_args,
+            *self.node_args,
+        ]
+        if role == "worker":
+            argv += ["--bootstrap", self._boot_addr]
+        self._procs[name] = _Proc(name, role, argv, d / "logs" / f"{name}.log", mcp_port)
+        self._spawn(self._procs[name])
+
+    def add_node(self) -> NodeRecord:
+        """A fresh worker (new identity, empty data directory) joins the running mesh."""
+        name = f"node-{1 + max(int(n.split('-')[1]) for n in self._procs)}"
+        p2p_port, mcp_port = free_ports(2)
+        self._new_proc(name, "worker", p2p_port, mcp_port)
+        self.nodes = self._wait_records([name])
+        self.write_cluster_file()
+        return self.record(name)
+
+    def remove(self, name: str) -> None:
+        """Lose a node for good: kill -9, its data directory deleted, gone from the cluster."""
+        if self.is_running(name):
+            self.kill(name, signal.SIGKILL)
+        shutil.rmtree(self.directory / "data" / name, ignore_errors=True)
+        del self._procs[name]
+        self.nodes = [n for n in self.nodes if n.name != name]
+        self.write_cluster_file()
 
     def _write_secrets(self) -> list[str]:
         """Token and swarm key as 0600 files (never on a command line); the node flags to read them."""

@@ -70,14 +70,19 @@ class Broker(Dependencies):
             if rec.status == "queued":
                 self._enqueue(rec)
             elif rec.status == "running":
-                assert rec.worker is not None
-                self.leases[rec.task_id] = Lease(rec.task_id, rec.worker, rec.attempts, rec.task_type, rec.tags,
-                                                 mono, mono + self.settings.lease_s, rec.timeout_s)
-                self._inflight[rec.worker] = self._inflight.get(rec.worker, 0) + 1
+                self._lease_again(rec, mono)
             else:
                 self._block(rec)
         if any(n.values()):
             log.info("queue resumed from store", extra=kv(**n))
+
+    def _lease_again(self, rec: TaskRecord, mono: float) -> None:
+        """A task running on a worker (after a restart, or adopted): leased for lease_s; the
+        worker's heartbeats or its completion keep it."""
+        assert rec.worker is not None
+        self.leases[rec.task_id] = Lease(rec.task_id, rec.worker, rec.attempts, rec.task_type, rec.tags,
+                                         mono, mono + self.settings.lease_s, rec.timeout_s)
+        self._inflight[rec.worker] = self._inflight.get(rec.worker, 0) + 1
 
     def submit(self, task_type: str, payload: Any, task_id: str | None, priority: float,
                depends_on: list[str], tags: list[str], timeout_s: float, retry_policy: Any,
@@ -306,6 +311,8 @@ class Broker(Dependencies):
         self.store.delete(ids)
         for rec in gone:  # dependents fail, workflows learn of it, waiters wake
             self._finished(rec)
+        for hook in self.removed_hooks:
+            hook(ids)
         for tid in ids:
             ev = self._waiters.pop(tid, None)
             if ev is not None:
@@ -337,23 +344,36 @@ class Broker(Dependencies):
         self._wake.set()
         return {"resumed": was, "task_type": task_type, "reordered": moved, "queued": len(self._qentry)}
 
-    def adopt(self, recs: list[TaskRecord]) -> list[TaskRecord]:
-        """Take over tasks of a lost owner: stored as this node's, same ids, queued again
-        (or blocked on their dependencies). Final or already known ones are skipped."""
+    def adopt(self, recs: list[TaskRecord], running: dict[str, tuple[str, int]]) -> list[TaskRecord]:
+        """Take over tasks of a lost owner, stored as this node's with the same ids: final ones
+        stay readable here; a task still running on a worker that now reports here (`running`:
+        task id -> (worker, attempt)) is leased to it; the others are queued again (or blocked
+        on their dependencies). Ones already known here are skipped."""
         t = now()
+        mono = time.monotonic()
         taken: list[TaskRecord] = []
         for rec in recs:
-            if rec.final or self.store.exists(rec.task_id):
+            if self.store.exists(rec.task_id):
                 continue
             self._seq += 1
-            status = "blocked" if rec.depends_on else "queued"
-            taken.append(rec.replace(owner=self.me, seq=self._seq, status=status, worker=None, started_at=None,
-                                     queued_at=t, not_before=None))
-        self.store.save(taken)
-        for rec in taken:
-            if rec.status == "blocked":
-                self._block(rec)
+            if rec.final:
+                taken.append(rec.replace(owner=self.me, seq=self._seq))
+            elif rec.task_id in running:
+                worker, attempt = running[rec.task_id]
+                taken.append(rec.replace(owner=self.me, seq=self._seq, status="running", worker=worker,
+                                         attempts=attempt, started_at=rec.started_at or t, not_before=None))
             else:
+                status = "blocked" if rec.depends_on else "queued"
+                taken.append(rec.replace(owner=self.me, seq=self._seq, status=status, worker=None,
+                                         started_at=None, queued_at=t, not_before=None))
+        self.store.save(taken)
+        # blocked ones last: a dependency adopted in the same batch is then known here
+        for rec in sorted(taken, key=lambda r: r.status == "blocked"):
+            if rec.status == "running":
+                self._lease_again(rec, mono)
+            elif rec.status == "blocked":
+                self._block(rec)
+            elif rec.status == "queued":
                 self._enqueue(rec)
         self._counts_cache = None
         self._wake.set()

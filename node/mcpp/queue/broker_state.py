@@ -104,6 +104,11 @@ class BrokerState:
         self.paused: dict[str, str] = {}  # task type ("*" = all) -> reason
         self.stats = Stats()
         self.final_hooks: list[Callable[[TaskRecord], None]] = []
+        self.removed_hooks: list[Callable[[list[str]], None]] = []  # task ids deleted (queue_clear)
+        # this owner's epoch, sent with every dispatch; a worker refuses one below the owner's
+        # fence and says so, and the fenced hooks learn which tasks were adopted (replica.py)
+        self.epoch = 0
+        self.fenced_hooks: list[Callable[[int, str], None]] = []
         self._seq = store.max_seq()
         self._counts_cache: tuple[float, dict[tuple[str, str], int]] | None = None
         self._wake = trio.Event()

@@ -146,7 +146,7 @@ class Dispatcher(BrokerState):
                 self._spawn(self._send_run, peer, chunk)
 
     async def _send_run(self, peer: str, batch: list[TaskRecord]) -> None:
-        msg = {"owner": self.me, "tasks": [
+        msg = {"owner": self.me, "epoch": self.epoch, "tasks": [
             {"task_id": r.task_id, "attempt": r.attempts, "task_type": r.task_type, "payload": r.payload,
              "timeout_s": r.timeout_s, "needs": r.needs()} for r in batch]}
         try:
@@ -165,6 +165,10 @@ class Dispatcher(BrokerState):
             self._undo_dispatch(batch)
             return
         self._worker_free[peer] = (free, time.monotonic())
+        fence = answer.get("fence")
+        if isinstance(fence, dict) and isinstance(fence.get("epoch"), int) and isinstance(fence.get("adopter"), str):
+            for hook in self.fenced_hooks:
+                hook(fence["epoch"], fence["adopter"])
         if rejected:
             self._busy_until[peer] = time.monotonic() + BUSY_BACKOFF_S
             self._undo_dispatch([r for r in batch if r.task_id in rejected])

@@ -32,6 +32,7 @@ from mcpp.log import kv
 from mcpp.queue.broker import Broker, BrokerSettings, WorkerView
 from mcpp.queue.handlers import HandlerRegistry
 from mcpp.queue.model import (
+    FINAL,
     STATUSES,
     check_limit,
     check_number,
@@ -54,6 +55,7 @@ MESH_CALL_S = 5.0
 MESH_FANOUT = 16  # mesh-wide reads call this many nodes at once
 CPU_SAMPLE_S = 0.5  # worker_status's cpu_percent covers at least this long
 LOCATE_CACHE = 10_000
+DEP_LOST_S = 30.0  # after owner_timeout_s: a dependency no node holds is lost
 CHECKPOINT_S = 1.0
 WAIT_SLICE_S = 2.0
 FAR_RTT_MS = 5.0  # a member that is not a neighbour: no RTT measured, assumed farther than one
@@ -242,7 +244,7 @@ class QueueService:
         if self.store.exists(task_id):
             return self.me
         owner = owner_of(task_id)
-        if owner is not None and owner != self.me and self._connected(owner):
+        if owner is not None and owner != self.me and self.reachable(owner):
             return owner
         found = await self.find(task_id)
         if found is not None:
@@ -251,7 +253,7 @@ class QueueService:
             return owner  # not connected and nobody adopted it (yet): the call says unreachable
         raise TaskNotFound(task_id, argument)
 
-    def _connected(self, peer: str) -> bool:
+    def reachable(self, peer: str) -> bool:
         """A neighbour, or a live member (reached on demand)."""
         rec = self.node.table.get(peer)
         return (rec is not None and rec.connected) or peer in self.node.members()
@@ -327,6 +329,7 @@ class QueueService:
         out = self.broker.local_stats()
         out["timed"] = self.broker.stats.n_timed
         out["replicas_held"] = sum(self.replicator.held().values())
+        out["replicas_final"] = self.replicator.held_final()
         out["adopted"] = self.replicator.adopted_count
         out["adoptions_declined"] = self.replicator.adoptions_declined
         return out
@@ -617,6 +620,7 @@ class QueueService:
             "completed": self.worker.completed,
             "failed": self.worker.failed,
             "rejected": self.worker.rejected,
+            "fenced": self.worker.fenced,
             "load": round(len(self.worker.running) / max(1, s.max_concurrent), 4),
             "rss_mb": round(mem.rss / 2**20, 2),
             "cpu_percent": self._cpu_percent(),
@@ -665,17 +669,25 @@ class QueueService:
 
     # ---- loops -------------------------------------------------------------------------
     async def _dependency_loop(self) -> None:
-        """Tasks blocked on tasks of other owners: poll those owners for final states."""
+        """Tasks blocked on tasks of other owners: poll the nodes that hold them for final
+        states. A dependency that no node holds for DEP_LOST_S (its owner gone, and no replica
+        adopted it) fails its dependents with an error that says so: they never wait forever."""
+        missing: dict[str, float] = {}
         while True:
             await trio.sleep(0.5)
             remote = self.broker.remote_dependencies()
             if not remote:
+                missing.clear()
                 continue
             by_owner: dict[str, list[str]] = {}
             for d in remote:
-                o = owner_of(d) or await self.find(d)
+                o = owner_of(d)
+                if o is None or d in missing or not self.reachable(o):
+                    self._located.pop(d, None)
+                    o = await self.find(d)  # an adopter (see replica.py), or None
                 if o is not None:
                     by_owner.setdefault(o, []).append(d)
+            answered: set[str] = set()
             for owner, ids in by_owner.items():
                 try:
                     st = await self.call(owner, "q.statuses", {"ids": ids}, 5)
@@ -683,9 +695,18 @@ class QueueService:
                     continue
                 if not isinstance(st, dict):
                     continue
+                answered.update(st)
                 for d, s in st.items():
-                    if s in ("completed", "failed", "cancelled", "dead_lettered"):
+                    if s in FINAL:
                         self.broker.dependency_final(d, s)
+            mono = trio.current_time()
+            for d in remote:
+                if d in answered:
+                    missing.pop(d, None)
+                elif mono - missing.setdefault(d, mono) >= self.config.owner_timeout_s + DEP_LOST_S:
+                    missing.pop(d, None)
+                    log.warning("dependency lost: no node holds it", extra=kv(task=d, owner=owner_of(d)))
+                    self.broker.dependency_final(d, "lost (its owner is gone and no node holds it)")
 
     async def _checkpoint_loop(self) -> None:
         """WAL checkpoints in a worker thread, so that their fsync never stalls the loop."""

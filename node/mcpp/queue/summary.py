@@ -22,7 +22,7 @@ __all__ = ["LOAD_GOSSIP_S", "STAT_KEYS", "LoadSummary", "stats_of", "worker_of"]
 LOAD_GOSSIP_S = 5.0
 STAT_KEYS = ("queued_count", "blocked_count", "running_count", "completed_count", "failed_count",
              "cancelled_count", "dead_lettered_count", "retries", "lease_expired", "duplicate_completions_ignored",
-             "replicas_held", "adopted", "adoptions_declined")
+             "replicas_held", "replicas_final", "adopted", "adoptions_declined")
 _EXTRA = ("completed_per_s", "mean_wait_s", "mean_run_s", "timed", "paused", "by_type")
 _WORKER_KEYS = ("running", "free", "completed", "failed", "rejected")
 

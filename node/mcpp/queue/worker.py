@@ -89,11 +89,14 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.rejected = 0
+        self.fenced = 0  # dispatches refused because their owner was fenced
         self._outbox: list[_Pending] = []
         self._flushing: set[str] = set()
         self._wake_flush = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.on_change: Callable[[], None] = lambda: None
+        # owner -> (epoch, adopter): dispatches of an owner below its fence are refused (replica.py)
+        self.fence_of: Callable[[str], tuple[int, str] | None] = lambda owner: None
 
     # ---- facts -------------------------------------------------------------------------
     def free(self) -> int:
@@ -127,6 +130,15 @@ class Worker:
         owner = str(params["owner"])
         accepted: list[str] = []
         rejected: dict[str, str] = {}
+        fence = self.fence_of(owner)
+        if fence is not None and int(params.get("epoch") or 0) < fence[0]:
+            # the owner's tasks were adopted while it was away: it must learn which before it
+            # dispatches again (else an adopted task would run twice)
+            why = f"fenced: the tasks of {owner} below epoch {fence[0]} were adopted by {fence[1]}"
+            self.rejected += len(params["tasks"])
+            self.fenced += len(params["tasks"])
+            return {"accepted": [], "rejected": {str(t["task_id"]): why for t in params["tasks"]},
+                    "free": self.free(), "fence": {"epoch": fence[0], "adopter": fence[1]}}
         for t in params["tasks"]:
             tid = str(t["task_id"])
             reason = None
@@ -155,6 +167,22 @@ class Worker:
             self.running[tid] = run
             accepted.append(tid)
         return {"accepted": accepted, "rejected": rejected, "free": self.free()}
+
+    def rehome(self, owner: str, adopter: str, ids: set[str]) -> dict[str, int]:
+        """`owner`'s tasks `ids` were adopted by `adopter`: their runs here (and completions not
+        yet delivered) now report to it. Returns {task id: attempt} of those."""
+        moved: dict[str, int] = {}
+        for run in self.running.values():
+            if run.owner == owner and run.task_id in ids:
+                run.owner = adopter
+                moved[run.task_id] = run.attempt
+        for p in self._outbox:
+            if p.owner == owner and p.completion["task_id"] in ids:
+                p.owner = adopter
+                moved[p.completion["task_id"]] = int(p.completion["attempt"])
+        if moved:
+            self._wake_flush.set()
+        return moved
 
     async def on_cancel(self, peer_id: str, params: Any) -> Any:
         run = self.running.get(str(params["task_id"]))

@@ -39,7 +39,8 @@ from mcpp.workflow.model import (
     render_template,
     resolve_refs,
 )
-from mcpp.workflow.store import StepState, WorkflowRecord, WorkflowStore
+from mcpp.queue.replica import WorkflowHooks
+from mcpp.workflow.store import StepState, WorkflowRecord, WorkflowStore, wf_pack, wf_unpack
 
 __all__ = ["WorkflowEngine", "WF_STATUSES", "TEMPLATES"]
 
@@ -76,6 +77,8 @@ class WorkflowEngine:
         self._wake = trio.Event()
         self._waiters: dict[str, trio.Event] = {}
         self.broker.final_hooks.append(self._on_task_final)
+        queue.replicator.workflows = WorkflowHooks(
+            records=lambda: [wf_pack(w) for w in self.store.all()], adopt=self._adopt, forget=self._forget)
         for method, handler in {
             "wf.submit": self._rpc_submit, "wf.status": self._rpc_status, "wf.cancel": self._rpc_cancel,
             "wf.result": self._rpc_result, "wf.list": self._rpc_list, "wf.where": self._rpc_where,
@@ -94,8 +97,15 @@ class WorkflowEngine:
 
     def _step_task_id(self, wf: WorkflowRecord, index: int) -> str:
         # unique per workflow id (caller-chosen ids may share any prefix), stable across restarts
+        # and across an adoption: named after the workflow's first coordinator
         digest = hashlib.sha256(wf.workflow_id.encode()).hexdigest()[:20]
-        return f"wf{digest}.{index}@{self.me}"
+        return f"wf{digest}.{index}@{self._origin(wf)}"
+
+    def _origin(self, wf: WorkflowRecord) -> str:
+        """The node that accepted the workflow: named in its id, or in its submitted steps' ids
+        (the roots are submitted on acceptance), else this one."""
+        return owner_of(wf.workflow_id) or next(
+            (o for st in wf.state.values() if st.task_id and (o := owner_of(st.task_id))), self.me)
 
     def _advance(self, wf: WorkflowRecord) -> None:
         """Move one workflow forward: take finished steps, apply the failure policy, submit the
@@ -139,7 +149,7 @@ class WorkflowEngine:
                 ev.set()
             log.info("workflow finished", extra=kv(workflow=wf.workflow_id, status=wf.status))
         if changed:
-            self.store.save(wf)
+            self._save(wf)
 
     def _submit_ready(self, wf: WorkflowRecord) -> bool:
         changed = False
@@ -166,11 +176,13 @@ class WorkflowEngine:
                 continue
             task_id = self._step_task_id(wf, i)
             try:
-                sub = self.broker.submit(
+                rec, existed = self.broker.accept(
                     step.task_type, payload, task_id, step.priority if step.priority is not None else wf.priority,
                     [], list(dict.fromkeys([*wf.tags, *step.tags])), step.timeout_s or 300.0, step.retry_policy,
                     {"workflow_id": wf.workflow_id, "step_id": step.id}, 0, {},
                 )
+                if not existed:
+                    self.q.replicator.copy_soon(rec)
             except MCPPError as e:  # e.g. this node's queue is full: the step fails, the policy applies
                 st.status, st.error = "failed", f"submit refused: {e}"
                 changed = True
@@ -180,7 +192,7 @@ class WorkflowEngine:
             st.status, st.task_id = "submitted", task_id
             self._by_task[task_id] = wf.workflow_id
             changed = True
-            if sub["status"] in ("completed", "failed", "cancelled", "dead_lettered"):
+            if rec.final:
                 self._dirty.add(wf.workflow_id)  # already final (e.g. resumed after a crash): no hook will fire
                 self._wake.set()
         return changed
@@ -250,10 +262,65 @@ class WorkflowEngine:
             priority=float(a["priority"]), tags=list(a["tags"]), metadata=dict(a["metadata"]),
             state={s.id: StepState() for s in steps}, created_at=time.time(),
         )
-        self.store.save(wf)
         self.active[wf_id] = wf
+        self._save(wf)
         self._advance(wf)
         return self._submitted(wf)
+
+    async def _accept_durable(self, a: dict[str, Any]) -> dict[str, Any]:
+        """`_accept`; with replication sync, answered once the coordinator's replicas hold the
+        workflow record (or REPLICATE_WAIT_S passed), and says how many do (`replicas`)."""
+        out = self._accept(a)
+        rep = self.q.replicator
+        if rep.sync and not out["existing"]:
+            # still in the batch that _accept queued (no checkpoint since): the same delivery
+            done = rep.copy_workflow(wf_pack(self._get(out["workflow_id"])))
+            out["replicas"] = await rep.wait_held(done)
+        return out
+
+    def _save(self, wf: WorkflowRecord) -> None:
+        """Store the record here and copy it to this coordinator's replicas (replica.py)."""
+        self.store.save(wf)
+        self.q.replicator.copy_workflow(wf_pack(wf))
+
+    def _adopt(self, records: list[dict[str, Any]]) -> int:
+        """Workflows of a lost coordinator (their tasks were adopted just before): stored as
+        mine; the running ones are coordinated from here on. A step whose task copy never
+        arrived is submitted again under the same task id."""
+        n = 0
+        for d in records:
+            try:
+                wf = wf_unpack(d)
+            except ValueError as e:
+                log.warning("unreadable workflow copy skipped", extra=kv(error=str(e)))
+                continue
+            if self.store.exists(wf.workflow_id):
+                continue
+            self._seq += 1
+            wf.seq = self._seq
+            if not wf.final:
+                known = self.q.store.get_many([st.task_id for st in wf.state.values() if st.task_id])
+                for st in wf.state.values():
+                    if st.status == "submitted" and st.task_id not in known:
+                        st.status, st.task_id = "pending", None
+                    elif st.task_id:
+                        self._by_task[st.task_id] = wf.workflow_id
+                self.active[wf.workflow_id] = wf
+                self._dirty.add(wf.workflow_id)
+            self._save(wf)
+            n += 1
+        self._wake.set()
+        return n
+
+    def _forget(self, workflow_ids: list[str]) -> int:
+        """Workflows another node adopted while this one was away: dropped here."""
+        gone = [w for w in workflow_ids if self.store.exists(w)]
+        for w in gone:
+            wf = self.active.pop(w, None)
+            for st in wf.state.values() if wf else ():
+                self._by_task.pop(st.task_id or "", None)
+        self.store.delete(gone)
+        return len(gone)
 
     def _submitted(self, wf: WorkflowRecord, existed: bool = False) -> dict[str, Any]:
         return {"workflow_id": wf.workflow_id, "name": wf.name, "status": wf.status, "steps": len(wf.steps),
@@ -364,7 +431,7 @@ class WorkflowEngine:
         check_str_list("tags", p.get("tags") or [], max_items=20)
         if not isinstance(p.get("metadata") or {}, dict):
             raise ArgumentError("metadata", "must be an object")
-        return self._accept(p)
+        return await self._accept_durable(p)
 
     async def _rpc_status(self, peer: str, p: Any) -> Any:
         return self._status(p["workflow_id"], bool(p.get("include_steps", True)), bool(p.get("include_metrics")))
@@ -406,15 +473,19 @@ class WorkflowEngine:
     async def _locate(self, workflow_id: Any) -> tuple[str, str]:
         if not isinstance(workflow_id, str) or not workflow_id or len(workflow_id) > _MAX_WF_ID:
             raise ArgumentError("workflow_id", f"must be a non-empty string of at most {_MAX_WF_ID} characters")
-        owner = owner_of(workflow_id)
-        if owner is not None:
-            return workflow_id, owner
+        """The node that coordinates the workflow: this one, the one named in its id when it is
+        reachable, else whoever answers `wf.where` (a replica that adopted it, see replica.py)."""
         if self.store.exists(workflow_id):
             return workflow_id, self.me
+        owner = owner_of(workflow_id)
+        if owner is not None and owner != self.me and self.q.reachable(owner):
+            return workflow_id, owner
         answers, _ = await self.q.gather("wf.where", {"ids": [workflow_id]}, self.q.mesh_peers())
         for pid, ids in answers.items():
             if workflow_id in (ids or []):
                 return workflow_id, pid
+        if owner is not None:
+            return workflow_id, owner  # not reachable and nobody adopted it (yet): the call says so
         raise WorkflowNotFound(workflow_id)
 
     async def _forward(self, owner: str, method: str, params: Any, timeout_s: float | None = None) -> dict[str, Any]:
@@ -461,7 +532,7 @@ class WorkflowEngine:
                 return await self._forward(owner, "wf.submit", a)
             except WorkflowNotFound:
                 pass
-        return self._accept(a)
+        return await self._accept_durable(a)
 
     async def status(self, workflow_id: Any, include_steps: bool, include_metrics: bool) -> dict[str, Any]:
         wid, owner = await self._locate(workflow_id)
@@ -482,7 +553,15 @@ class WorkflowEngine:
         deadline = trio.current_time() + float(timeout_s)
         while True:  # waits at a remote coordinator in slices (see QueueService.result)
             slice_s = max(0.0, min(2.0 if owner != self.me else float(timeout_s), deadline - trio.current_time()))
-            out = await self._forward(owner, "wf.result", {**params, "timeout_s": slice_s}, slice_s + 10)
+            try:
+                out = await self._forward(owner, "wf.result", {**params, "timeout_s": slice_s}, slice_s + 10)
+            except WorkflowError as e:
+                # a coordinator gone while we wait: look again (a replica adopts its workflows)
+                if not wait or isinstance(e, WorkflowNotFound) or trio.current_time() + 1.0 >= deadline:
+                    raise
+                await trio.sleep(1.0)
+                wid, owner = await self._locate(wid)
+                continue
             if not wait or not out["timed_out"] or trio.current_time() >= deadline:
                 return out
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from mcpp.workflow.model import Step
 
-__all__ = ["WorkflowRecord", "StepState", "WorkflowStore"]
+__all__ = ["WorkflowRecord", "StepState", "WorkflowStore", "wf_pack", "wf_unpack"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows (
@@ -84,6 +84,21 @@ def _from(row: Any) -> WorkflowRecord:
     )
 
 
+def wf_pack(wf: WorkflowRecord) -> dict[str, Any]:
+    """A workflow record as sent to its coordinator's replicas (the stored columns)."""
+    return dict(zip(_COLS, _row(wf)))
+
+
+def wf_unpack(d: Any) -> WorkflowRecord:
+    """A replicated workflow record, checked (a peer's data is not trusted)."""
+    if not isinstance(d, dict) or set(d) != set(_COLS) or not isinstance(d["workflow_id"], str):
+        raise ValueError("a workflow record must have exactly the stored columns")
+    try:
+        return _from(tuple(d[c] for c in _COLS))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"not a workflow record: {e}") from None
+
+
 class WorkflowStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -92,6 +107,12 @@ class WorkflowStore:
 
     def save(self, wf: WorkflowRecord) -> None:
         self._db.execute(self._upsert, _row(wf))
+
+    def delete(self, workflow_ids: list[str]) -> None:
+        self._db.executemany("DELETE FROM workflows WHERE workflow_id = ?", [(w,) for w in workflow_ids])
+
+    def all(self) -> list[WorkflowRecord]:
+        return [_from(r) for r in self._db.execute(f"SELECT {','.join(_COLS)} FROM workflows ORDER BY seq")]
 
     def get(self, workflow_id: str) -> WorkflowRecord | None:
         row = self._db.execute(f"SELECT {','.join(_COLS)} FROM workflows WHERE workflow_id = ?",
