@@ -105,6 +105,19 @@ def test_bench_only_containers_writes_its_own_json_markdown_and_plot(tmp_path: P
     assert data["plots"] == ["container_idle_cpu.png"] and sorted(p.name for p in out.glob("*.png")) == data["plots"]
 
 
+def test_bench_only_replication_compares_the_settings_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = subprocess.run(MCPP + ["bench", "--quick", "--only", "replication", "--out", str(out)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    cost = {x["setting"]: x for x in data["queue"]["replication_cost"]}
+    assert list(cost) == ["replicas 0", "replicas 1, sync (default)", "replicas 1, async"]
+    assert all(x["noop_tasks_per_s"] > 0 and x["noop_tasks_per_s_8_loops"] > 0 for x in cost.values())
+    assert "acknowledgement with replicas 1, sync (default)" in (out / "results.md").read_text()
+    assert data["plots"] == ["replication_cost.png"] and (out / "replication_cost.png").stat().st_size > 1000
+
+
 def test_loadtest_smoke_writes_summary(tmp_path: Path) -> None:
     out = tmp_path / "lt"
     res = subprocess.run(MCPP + ["loadtest", "--nodes", "2", "--users", "2", "--duration", "4s", "--out", str(out)],

@@ -162,3 +162,51 @@ def test_a_workflow_whose_coordinator_is_lost_for_good_is_adopted_and_completes(
         assert sum(1 for h in hist if h["outcome"] == "ok") == 1, hist
         done = call(r.mcp_url, "workflow_result", {"workflow_id": chain["workflow_id"]})
         assert done["status"] == "completed" and done["results"]["a"] == {"x": 7}, done
+
+
+def test_an_acknowledgement_names_a_holder_even_when_the_replica_does_not_answer(tmp_path: Path) -> None:
+    """Injected: the owner's replica is stopped (SIGSTOP). Checked: task_submit still answers
+    `replicas: 1` (within the 1 s put timeout and the retry), because the next closest peer took
+    the copy; the stopped replica holds nothing new."""
+    with ProcessCluster(4, tmp_path, node_args=ARGS, token=TOKEN) as c:
+        ids = {n.name: n.peer_id for n in c.nodes}
+        replica = next(m for m, p in ids.items() if p == _closest(ids["node-1"], [q for k, q in ids.items()
+                                                                                if k != "node-1"]))
+        a = c.record("node-1")
+        call(a.mcp_url, "queue_pause", {})
+        c.kill(replica, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            ack = call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": 1})
+            took = time.monotonic() - t0
+            assert ack["replicas"] == 1, ack
+            assert took < 3.0, took
+            held = {n.name: call(n.mcp_url, "queue_stats", {"scope": "local"})["replicas_held"]
+                    for n in c.nodes if n.name not in ("node-1", replica)}
+            assert sum(held.values()) >= 1, held
+        finally:
+            c.kill(replica, signal.SIGCONT)
+
+
+def test_a_node_back_with_its_identity_but_an_empty_disk_takes_its_records_back(tmp_path: Path) -> None:
+    """Injected: node-1 owns 5 queued tasks (dispatch paused) and a finished one; it is killed
+    with -9, its data directory removed, and restarted at once with the same identity (a pod
+    whose volume was lost). Nobody adopts (the owner is alive again). Checked: it takes its
+    records back from the peers that hold copies: the queued tasks complete, the finished one
+    is readable, all through another node."""
+    with ProcessCluster(3, tmp_path, node_args=ARGS, token=TOKEN) as c:
+        a, r = c.record("node-1"), c.record("node-2")
+        done = call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": "early"})["task_id"]
+        call(a.mcp_url, "task_result", {"task_id": done, "wait": True, "timeout_s": 20})
+        call(a.mcp_url, "queue_pause", {})
+        ids = [call(a.mcp_url, "task_submit", {"task_type": "echo", "payload": i})["task_id"] for i in range(5)]
+        wait_until(lambda: sum(call(n.mcp_url, "queue_stats", {"scope": "local"})["replicas_final"]
+                               for n in c.nodes if n.name != "node-1") >= 1, 10)
+        c.kill("node-1", signal.SIGKILL)
+        shutil.rmtree(tmp_path / "data" / "node-1")
+        c.restart("node-1")
+        for i, tid in enumerate(ids):
+            res = call(r.mcp_url, "task_result", {"task_id": tid, "wait": True, "timeout_s": 30})
+            assert res["status"] == "completed" and res["result"] == i, res
+        assert call(r.mcp_url, "task_result", {"task_id": done})["result"] == "early"
+        assert call(a.mcp_url, "queue_stats", {"scope": "local"})["adopted"] == 0

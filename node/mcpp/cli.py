@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure start-up, RSS, formation and RPC latency; write JSON")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--only", choices=["containers", "mcp"],
+    p.add_argument("--only", choices=["containers", "mcp", "replication"],
                    help="one section alone: containers = image build, formation, RSS and idle CPU per container; "
-                        "mcp = a tool call with SSE and JSON responses on both protocol revisions")
+                        "mcp = a tool call with SSE and JSON responses on both protocol revisions; "
+                        "replication = what each replication setting costs (round trip, no-op throughput)")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -492,17 +492,7 @@ def _markdown(results: dict[str, Any], command: str) -> str:
                          f"{dd['workflows_per_s']} workflows/s | |")
     elif q:
         lines.append(f"| queue figures | failed: {q['error']} | |")
-    rc = {x["setting"]: x for x in (r.get("queue") or {}).get("replication_cost", [])}
-    if rc:
-        zero = rc["replicas 0"]
-        for name, x in rc.items():
-            extra = "" if x is zero else (f" ({x['rtt_p50_ms'] - zero['rtt_p50_ms']:+.3f} ms, "
-                                          f"{100 * x['noop_tasks_per_s'] / zero['noop_tasks_per_s']:.0f} % of replicas 0)")
-            loops = x.get("noop_tasks_per_s_8_loops")
-            lines.append(f"| acknowledgement with {name}: task round trip p50 / p99; no-op tasks/s, 3 workers, "
-                         f"all at once (8 closed submit loops) | {x['rtt_p50_ms']} / {x['rtt_p99_ms']} ms; "
-                         f"{x['noop_tasks_per_s']}{extra} ({loops}) | "
-                         f"{'default: <= +0.5 ms p50, >= 85 % tasks/s' if 'default' in name else ''} |")
+    lines += replication_rows((r.get("queue") or {}).get("replication_cost", []))
     lines += response_mode_rows(r.get("mcp_modes", []))
     if "containers" in r:
         lines += container_rows(r["containers"])
@@ -582,6 +572,32 @@ def _plot_modes(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_xticks(list(xs), labels)
 
 
+def replication_rows(cost: list[dict[str, Any]]) -> list[str]:
+    """The rows "acknowledgement with ...": each replication setting against replicas 0, same run."""
+    rc = {x["setting"]: x for x in cost}
+    if not rc:
+        return []
+    zero = rc["replicas 0"]
+    lines = []
+    for name, x in rc.items():
+        extra = "" if x is zero else (f" ({x['rtt_p50_ms'] - zero['rtt_p50_ms']:+.3f} ms, "
+                                      f"{100 * x['noop_tasks_per_s'] / zero['noop_tasks_per_s']:.0f} % of replicas 0)")
+        loops = x.get("noop_tasks_per_s_8_loops")
+        lines.append(f"| acknowledgement with {name}: task round trip p50 / p99; no-op tasks/s, 3 workers, "
+                     f"all at once (8 closed submit loops) | {x['rtt_p50_ms']} / {x['rtt_p99_ms']} ms; "
+                     f"{x['noop_tasks_per_s']}{extra} ({loops}) | "
+                     f"{'default: <= +0.5 ms p50, >= 85 % tasks/s' if 'default' in name else ''} |")
+    return lines
+
+
+def _plot_replication(ax: Any, cost: list[dict[str, Any]]) -> None:
+    names = [x["setting"] for x in cost]
+    ax.bar(names, [x["noop_tasks_per_s"] for x in cost], label="all at once")
+    ax.plot(names, [x.get("noop_tasks_per_s_8_loops") or 0 for x in cost], "o-", color="C1",
+            label="8 closed submit loops")
+    ax.tick_params(axis="x", labelsize=7)
+
+
 def _only(out: Path, tmp: Path, results: dict[str, Any], section: str) -> int:
     """`mcpp bench --only SECTION`: one section's figures alone (JSON, markdown, plot)."""
     if section == "containers":
@@ -592,6 +608,15 @@ def _only(out: Path, tmp: Path, results: dict[str, Any], section: str) -> int:
         results["plots"] = [p for p in plots if p == "container_idle_cpu.png"]
         for p in set(plots) - set(results["plots"]):
             (out / p).unlink(missing_ok=True)
+    elif section == "replication":
+        from mcpp.evidence.bench_queue import measure_replication
+
+        with console.status("replication settings: round trips and no-op throughput, interleaved"):
+            results["queue"] = {"replication_cost": measure_replication(tmp, results["quick"])}
+        cost = results["queue"]["replication_cost"]
+        rows = replication_rows(cost)
+        results["plots"] = [_figure(out, "replication_cost.png", "no-op tasks/s by replication setting (3 workers)",
+                                    "owner's setting", "tasks/s", lambda ax: _plot_replication(ax, cost))]
     else:  # mcp
         with console.status("MCP tool calls: SSE and JSON responses, both protocol revisions"):
             results["mcp_modes"] = measure_response_modes(tmp, 300 if results["quick"] else 1000)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from mcpp.mcp.client import open_client, structured
 from mcpp.net.peers import percentile
 from mcpp.runner import Services, open_services
 
-__all__ = ["measure_queue"]
+__all__ = ["measure_queue", "measure_replication"]
 
 ALL_TYPES = ["echo", "sleep", "sha256", "fail"]
 CLOSED_LOOP = 8  # submit loops of the closed-loop variant (each waits for its acknowledgement)
@@ -160,17 +162,36 @@ async def _mcp_figures(c: ProcessCluster, n: int) -> dict[str, Any]:
     return {"mcp_task_rtt": {**_lat(rtt), "samples_ms": rtt}, "p2p_tool_call": {**_lat(hop), "samples_ms": hop}}
 
 
-async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, Any]:
+@asynccontextmanager
+async def _bench_owner(c: ProcessCluster, tmp: Path) -> AsyncIterator[Services]:
+    """A node inside this process that owns the tasks and serves no task type of the bench."""
     boot = c.nodes[0]
     cfg = NodeConfig(role="worker", bootstrap=(f"{boot.multiaddrs[0]}",) if "/p2p/" in boot.multiaddrs[0]
                      else (f"{boot.multiaddrs[0]}/p2p/{boot.peer_id}",),
                      data_dir=str(tmp / "bench-owner"), capabilities=("bench-owner",), log_level="warning",
                      swarm_key=c.swarm_key)
-    out: dict[str, Any] = {}
     async with open_services(cfg) as app:
         with trio.fail_after(30):
             while len(app.node.table.connected()) < len(c.nodes):
                 await trio.sleep(0.05)
+        yield app
+
+
+def measure_replication(tmp: Path, quick: bool) -> list[dict[str, Any]]:
+    """`mcpp bench --only replication`: `_replication_cost` alone, on a fresh 3-node mesh."""
+    async def main(c: ProcessCluster) -> list[dict[str, Any]]:
+        async with _bench_owner(c, tmp) as app:
+            await _register(c, 3, 64)
+            await _wait_views(app, 3)
+            return await _replication_cost(app, 1 if quick else 3, 200 if quick else 500, 1000 if quick else 3000)
+
+    with ProcessCluster(3, tmp / "replication", formation_timeout_s=60, node_args=["--log-level", "warning"]) as c:
+        return trio.run(main, c)
+
+
+async def _in_process(c: ProcessCluster, tmp: Path, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with _bench_owner(c, tmp) as app:
         await _register(c, 3, 4)
         await _wait_views(app, 3)
         rt = await _round_trips(app, 300 if quick else 1000)

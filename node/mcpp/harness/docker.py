@@ -107,6 +107,7 @@ class DockerCluster(ClusterCommon):
     _ports: dict[str, int] = field(default_factory=dict)
     _partitioned: dict[str, str] = field(default_factory=dict)  # name -> its address, while cut off
     _boot_id: str = ""
+    _added: int = 0
     _network: Any = None
     backend = "docker"
 
@@ -188,7 +189,8 @@ class DockerCluster(ClusterCommon):
 
     def add_node(self) -> NodeRecord:
         """A fresh worker container (new identity, empty /data) joins the running mesh."""
-        name = f"node-{1 + max(int(n.split('-')[1]) for n in self._containers)}"
+        self._added += 1
+        name = f"node-{self.size - 1 + self._added}"  # never a name used before
         self._new_container(name, "worker", free_ports(1)[0])
         self.nodes = self._wait_records([name], time.monotonic() + 90)
         self.write_cluster_file()

@@ -386,6 +386,7 @@ class ProcessCluster(ClusterCommon):
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _server: _ForkServer | None = None
     _boot_addr: str = ""
+    _added: int = 0
     _secret_args: list[str] = field(default_factory=list)
     backend = "process"
 
@@ -445,7 +446,8 @@ class ProcessCluster(ClusterCommon):
 
     def add_node(self) -> NodeRecord:
         """A fresh worker (new identity, empty data directory) joins the running mesh."""
-        name = f"node-{1 + max(int(n.split('-')[1]) for n in self._procs)}"
+        self._added += 1
+        name = f"node-{self.size - 1 + self._added}"  # never a name used before (nor its key)
         p2p_port, mcp_port = free_ports(2)
         self._new_proc(name, "worker", p2p_port, mcp_port)
         self.nodes = self._wait_records([name])
@@ -453,10 +455,11 @@ class ProcessCluster(ClusterCommon):
         return self.record(name)
 
     def remove(self, name: str) -> None:
-        """Lose a node for good: kill -9, its data directory deleted, gone from the cluster."""
+        """Lose a node for good: kill -9, its data directory and key deleted, gone from the cluster."""
         if self.is_running(name):
             self.kill(name, signal.SIGKILL)
         shutil.rmtree(self.directory / "data" / name, ignore_errors=True)
+        (self.directory / "keys" / f"{name}.key").unlink(missing_ok=True)
         del self._procs[name]
         self.nodes = [n for n in self.nodes if n.name != name]
         self.write_cluster_file()

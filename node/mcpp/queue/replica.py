@@ -57,7 +57,8 @@ from mcpp.queue.store import TaskFilter
 __all__ = ["Replicator", "pack", "unpack"]
 
 log = logging.getLogger("mcpp.replica")
-REPLICATE_WAIT_S = 2.0
+REPLICATE_WAIT_S = 2.5  # how long a sync submit waits for its copy at most
+PUT_TIMEOUT_S = 1.0  # a replica that does not store a new copy in this time is passed over
 PUTS_IN_FLIGHT = 4  # batches of copies on their way to the replicas at once
 FINAL_FLUSH_S = 0.5
 FINAL_BATCH = 100  # final records an r.put: storing them holds the replica's loop (~3 ms)
@@ -65,6 +66,7 @@ CHECK_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 FENCE_TIMEOUT_S = 5.0
 HELD_CHECK_S = 10.0
+RESTORE_WINDOW_S = 120.0  # a node that started with an empty store takes its copies back from peers met this soon
 PUT_MAX = 1000  # records read from one r.put
 PUT_BYTES = 1 << 20  # a batch of final records stays well under the RPC frame limit
 MAX_RETRY_FINALS = 50_000
@@ -192,6 +194,8 @@ class Replicator:
         self._fences: dict[str, tuple[int, str]] = {
             str(o): (int(e), str(a)) for o, e, a in self.db.execute("SELECT owner, epoch, adopter FROM fences")}
         q.broker.epoch = self._seen.get(self.me, 0)
+        # started with an empty store: maybe a node whose disk was lost, back with its identity
+        self._restore_until = time.monotonic() + RESTORE_WINDOW_S if q.store.is_empty() else 0.0
         self.adopted_count = 0
         self.adoptions_declined = 0
         q.serve("r.put", self._rpc_put)
@@ -206,6 +210,7 @@ class Replicator:
         q.broker.fenced_hooks.append(self._on_fenced)
         q.worker.fence_of = self._fences.get
         q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._reconcile, pid))
+        q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._restore, pid))
         q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._refresh, pid))
 
     @property
@@ -214,11 +219,12 @@ class Replicator:
 
     # ---- owner side --------------------------------------------------------------------
     def replica_peers(self) -> list[str]:
-        if self.copies <= 0:
-            return []
+        return self._by_distance()[: self.copies] if self.copies > 0 else []
+
+    def _by_distance(self) -> list[str]:
         peers = self.q.peers()
         peers.sort(key=lambda p: _distance(self.me, p))
-        return peers[: self.copies]
+        return peers
 
     async def replicate(self, rec: TaskRecord) -> int | None:
         """Copy a just-accepted task to the replica peers (`copy_soon`). With `sync` the caller
@@ -276,27 +282,34 @@ class Replicator:
     async def _deliver(self, peers: list[str], batch: list[dict[str, Any]], done: _Delivery | None,
                        wfs: list[dict[str, Any]] | None = None) -> None:
         try:
-            failed: set[str] = set()
+            held = len(peers)
             for i, part in enumerate(_batches(batch) or [[]]):
                 body: dict[str, Any] = {"records": part}
                 if wfs and i == 0:
                     body["workflows"] = wfs
-                failed.update(await self._send(peers, body))
+                missing = len(await self._send(peers, body, PUT_TIMEOUT_S))
+                if missing:
+                    # a replica that does not answer (paused, overloaded, just gone): the next
+                    # closest peers hold the copy instead (an adopter gathers every holder's)
+                    spare = [p for p in self._by_distance() if p not in peers][:missing]
+                    if spare:
+                        missing -= len(spare) - len(await self._send(spare, body, PUT_TIMEOUT_S))
+                held = min(held, len(peers) - missing)
             if done is not None:
-                done.held_by = len(peers) - len(failed)
+                done.held_by = held
         finally:
             if done is not None:
                 done.event.set()
             self._put_slots.release()
 
-    async def _send(self, peers: list[str], body: dict[str, Any]) -> list[str]:
+    async def _send(self, peers: list[str], body: dict[str, Any], timeout_s: float = 2.0) -> list[str]:
         """r.put to each peer (with this owner's epoch); returns the peers it failed for."""
         failed: list[str] = []
         body = {**body, "epoch": self.epoch}
 
         async def one(pid: str) -> None:
             try:
-                await self.q.call(pid, "r.put", body, REPLICATE_WAIT_S)
+                await self.q.call(pid, "r.put", body, timeout_s)
             except MCPPError as e:
                 failed.append(pid)
                 log.warning("replication failed", extra=kv(peer=pid, error=str(e)))
@@ -373,6 +386,29 @@ class Replicator:
             log.warning("fenced by an adopter: epoch raised", extra=kv(adopter=peer, epoch=epoch))
             self.q.broker.kick()
 
+    async def _restore(self, peer: str) -> None:
+        """This node started with an empty store: if `peer` holds copies of its records (its
+        disk was lost, its identity was not), take them back: they are its own again."""
+        if time.monotonic() > self._restore_until:
+            return
+        n = 0
+        try:
+            while True:
+                got = await self.q.call(peer, "r.take", {"owner": self.me}, 10.0)
+                recs = got.get("records") if isinstance(got, dict) else None
+                wfs = got.get("workflows") if isinstance(got, dict) else None
+                if not recs and not wfs:
+                    break
+                taken = self.q.broker.adopt([unpack(d) for d in recs or []], {})
+                n += len(taken) + self.workflows.adopt(list(wfs or []))
+                for part in _batches([pack(r) for r in taken]):
+                    self.q.spawn(self._send, self.replica_peers(), {"records": part})
+        except (MCPPError, ArgumentError) as e:
+            log.warning("could not take back copies from a peer", extra=kv(peer=peer, error=str(e)))
+        if n:
+            log.warning("records of this node restored from a peer (it started with an empty store)",
+                        extra=kv(peer=peer, records=n))
+
     def _on_fenced(self, epoch: int, adopter: str) -> None:
         if epoch > self.epoch:
             self.q.spawn(self._reconcile, adopter, True)
@@ -416,7 +452,8 @@ class Replicator:
         if not isinstance(ids, list) or len(ids) > PUSH_BATCH:
             raise ArgumentError("ids", f"must be a list of at most {PUSH_BATCH} task ids")
         recs = self.q.store.get_many([t for t in ids if isinstance(t, str)])
-        return {"gone": [t for t in ids if t not in recs],
+        restoring = time.monotonic() <= self._restore_until  # unknown here may be lost here: keep them
+        return {"gone": [] if restoring else [t for t in ids if t not in recs],
                 "final": [pack(r) for r in recs.values() if r.final and r.owner == self.me]}
 
     def _store_copies(self, peer: str, recs: list[Any]) -> int:
@@ -518,6 +555,8 @@ class Replicator:
         owner = p.get("owner") if isinstance(p, dict) else None
         if not isinstance(owner, str):
             raise ArgumentError("owner", "must be a peer id string")
+        if owner != peer and owner in self.q.peers():
+            raise ArgumentError("owner", "is connected here: its copies are not for taking")
         recs = self.db.execute("SELECT task_id, record FROM copies WHERE owner = ? LIMIT ?", (owner, PUSH_BATCH)).fetchall()
         wfs = self.db.execute("SELECT workflow_id, record FROM wf_copies WHERE owner = ? LIMIT ?",
                               (owner, PUSH_BATCH)).fetchall()
