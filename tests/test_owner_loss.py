@@ -205,6 +205,8 @@ def test_a_node_back_with_its_identity_but_an_empty_disk_takes_its_records_back(
         c.kill("node-1", signal.SIGKILL)
         shutil.rmtree(tmp_path / "data" / "node-1")
         c.restart("node-1")
+        # it takes them back as it meets its peers (until then, reads of its tasks say "no task")
+        wait_until(lambda: call(a.mcp_url, "task_list", {"scope": "local"})["total"] == 6, 15)
         for i, tid in enumerate(ids):
             res = call(r.mcp_url, "task_result", {"task_id": tid, "wait": True, "timeout_s": 30})
             assert res["status"] == "completed" and res["result"] == i, res

@@ -293,6 +293,8 @@ class Broker(Dependencies):
         new = rec.replace(**changes)
         self.store.save([new])
         self._enqueue(new)
+        for hook in self.requeued_hooks:
+            hook(new)
         return {"task_id": task_id, "status": "queued", "previous_status": rec.status,
                 "queue_position": self.queue_position(task_id), "priority": new.priority,
                 "attempts_before": len(rec.history)}

@@ -105,6 +105,7 @@ class BrokerState:
         self.stats = Stats()
         self.final_hooks: list[Callable[[TaskRecord], None]] = []
         self.removed_hooks: list[Callable[[list[str]], None]] = []  # task ids deleted (queue_clear)
+        self.requeued_hooks: list[Callable[[TaskRecord], Any]] = []  # a final task queued again (task_retry)
         # this owner's epoch, sent with every dispatch; a worker refuses one below the owner's
         # fence and says so, and the fenced hooks learn which tasks were adopted (replica.py)
         self.epoch = 0

@@ -42,7 +42,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import trio
 
@@ -97,10 +97,12 @@ CREATE INDEX IF NOT EXISTS adopted_wf_owner ON adopted_wf(from_owner);
 CREATE TABLE IF NOT EXISTS epochs (owner TEXT PRIMARY KEY, epoch INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS fences (owner TEXT PRIMARY KEY, epoch INTEGER NOT NULL, adopter TEXT NOT NULL);
 """
-# a final copy is never replaced by an active one (batches may arrive out of order)
+# a final copy is replaced by an active one only if that is newer (task_retry raises seq):
+# batches may arrive out of order
 _UPSERT = """INSERT INTO copies VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET
   owner = excluded.owner, final = excluded.final, record = excluded.record, received_at = excluded.received_at
-  WHERE copies.final = 0 OR excluded.final = 1"""
+  WHERE copies.final = 0 OR excluded.final = 1
+     OR json_extract(excluded.record, '$.seq') > json_extract(copies.record, '$.seq')"""
 _WF_UPSERT = _UPSERT.replace("copies", "wf_copies").replace("task_id", "workflow_id")
 _FIELDS = {f.name for f in dataclasses.fields(TaskRecord)}
 
@@ -137,6 +139,14 @@ def unpack(d: Any) -> TaskRecord:
         raise ArgumentError("records", f"not a task record: {e}") from None
 
 
+MAX_EPOCH = 2**53
+
+
+def _is_epoch(x: Any) -> TypeGuard[int]:
+    """A peer's epoch: bounded, so that SQLite stores it (a peer's data is not trusted)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_EPOCH
+
+
 def _distance(a: str, b: str) -> int:
     ha = int.from_bytes(hashlib.sha256(a.encode()).digest(), "big")
     hb = int.from_bytes(hashlib.sha256(b.encode()).digest(), "big")
@@ -144,11 +154,11 @@ def _distance(a: str, b: str) -> int:
 
 
 def _batches(recs: list[dict[str, Any]], most: int = PUT_MAX) -> list[list[dict[str, Any]]]:
-    """At most `most` records and about PUT_BYTES of results a batch."""
+    """At most `most` records and about PUT_BYTES of payloads and results a batch."""
     out: list[list[dict[str, Any]]] = [[]]
     size = 0
     for d in recs:
-        sz = len(json.dumps(d["result"], separators=(",", ":"))) if d.get("result") is not None else 0
+        sz = len(json.dumps([d.get("payload"), d.get("result")], separators=(",", ":")))
         if out[-1] and (len(out[-1]) >= most or size + sz > PUT_BYTES):
             out.append([])
             size = 0
@@ -205,8 +215,10 @@ class Replicator:
         q.serve("r.finished", self._rpc_finished)
         q.serve("r.held", self._rpc_held)
         q.serve("r.take", self._rpc_take)
+        q.serve("r.absorb", self._rpc_absorb)
         q.broker.final_hooks.append(self._on_final)
-        q.broker.removed_hooks.append(self._drops.extend)
+        q.broker.removed_hooks.append(lambda ids: self._drops.extend(ids))
+        q.broker.requeued_hooks.append(self.copy_soon)
         q.broker.fenced_hooks.append(self._on_fenced)
         q.worker.fence_of = self._fences.get
         q.node.peer_joined_hooks.append(lambda pid: q.spawn(self._reconcile, pid))
@@ -335,8 +347,10 @@ class Replicator:
             del self._drops[MAX_RETRY_FINALS:]
 
     def _on_final(self, rec: TaskRecord) -> None:
-        if self.copies > 0 and rec.owner == self.me:
+        # with no replica now, the next one gets every record from _push_all
+        if self.copies > 0 and rec.owner == self.me and self.q.peers():
             self._finals.append(pack(rec))
+            del self._finals[:-MAX_RETRY_FINALS]
 
     async def _push_all(self, peers: list[str]) -> None:
         """Send every record this node owns (tasks and workflows, active and final) to replicas
@@ -380,7 +394,7 @@ class Replicator:
             dropped = self.q.broker.forget([t for t in ids if isinstance(t, str)])
             log.warning("tasks adopted by a replica while this node was away: dropped here",
                         extra=kv(peer=peer, tasks=dropped))
-        if isinstance(epoch, int) and epoch > self.epoch:
+        if _is_epoch(epoch) and epoch > self.epoch:
             self._set_epoch(self.me, epoch)
             self.q.broker.epoch = epoch
             log.warning("fenced by an adopter: epoch raised", extra=kv(adopter=peer, epoch=epoch))
@@ -392,25 +406,30 @@ class Replicator:
         if time.monotonic() > self._restore_until:
             return
         n = 0
+
+        def keep(recs: list[Any], wfs: list[Any]) -> None:
+            nonlocal n
+            mine = []
+            for d in recs:
+                try:
+                    mine.append(unpack(d))
+                except ArgumentError:
+                    continue  # a malformed copy is skipped, not the page
+            taken = self.q.broker.adopt(mine, {})
+            n += len(taken) + self.workflows.adopt(wfs)
+            for r in taken:
+                self.copy_soon(r) if not r.final else self._finals.append(pack(r))
+
         try:
-            while True:
-                got = await self.q.call(peer, "r.take", {"owner": self.me}, 10.0)
-                recs = got.get("records") if isinstance(got, dict) else None
-                wfs = got.get("workflows") if isinstance(got, dict) else None
-                if not recs and not wfs:
-                    break
-                taken = self.q.broker.adopt([unpack(d) for d in recs or []], {})
-                n += len(taken) + self.workflows.adopt(list(wfs or []))
-                for part in _batches([pack(r) for r in taken]):
-                    self.q.spawn(self._send, self.replica_peers(), {"records": part})
-        except (MCPPError, ArgumentError) as e:
+            await self._take_all(self.me, peer, keep)
+        except (MCPPError, ArgumentError, TypeError, ValueError, KeyError, AttributeError) as e:
             log.warning("could not take back copies from a peer", extra=kv(peer=peer, error=str(e)))
         if n:
             log.warning("records of this node restored from a peer (it started with an empty store)",
                         extra=kv(peer=peer, records=n))
 
     def _on_fenced(self, epoch: int, adopter: str) -> None:
-        if epoch > self.epoch:
+        if _is_epoch(epoch) and epoch > self.epoch:
             self.q.spawn(self._reconcile, adopter, True)
 
     def _set_epoch(self, owner: str, epoch: int) -> None:
@@ -473,13 +492,13 @@ class Replicator:
         recs = p.get("records") if isinstance(p, dict) else None
         wfs = p.get("workflows", []) if isinstance(p, dict) else None
         drops = p.get("drop") if isinstance(p, dict) else None
-        epoch = p.get("epoch") if isinstance(p, dict) else None
+        epoch = p.get("epoch", 0) if isinstance(p, dict) else None
         if not isinstance(recs, list) or (drops is not None and not isinstance(drops, list)):
             raise ArgumentError("records", "must be a list")
         if not isinstance(wfs, list):
             raise ArgumentError("workflows", "must be a list of workflow records")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ArgumentError("epoch", "must be the owner's epoch, an integer >= 0")
+        if not _is_epoch(epoch):
+            raise ArgumentError("epoch", f"must be the owner's epoch, an integer from 0 to {MAX_EPOCH}")
         self.db.execute("BEGIN")
         try:
             n = self._store_copies(peer, recs)
@@ -518,8 +537,8 @@ class Replicator:
         ids = p.get("ids") if isinstance(p, dict) else None
         if not isinstance(owner, str) or owner == peer or owner == self.me:
             raise ArgumentError("owner", "must be the peer id of another node")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-            raise ArgumentError("epoch", "must be an integer >= 1")
+        if not _is_epoch(epoch) or epoch < 1:
+            raise ArgumentError("epoch", f"must be an integer from 1 to {MAX_EPOCH}")
         if not isinstance(ids, list):
             raise ArgumentError("ids", "must be a list of task ids")
         self._fence(owner, epoch, peer)
@@ -547,7 +566,21 @@ class Replicator:
             raise ArgumentError("owner", "must be a peer id string")
         n = self.db.execute("SELECT (SELECT COUNT(*) FROM copies WHERE owner = ?) + "
                             "(SELECT COUNT(*) FROM wf_copies WHERE owner = ?)", (owner, owner)).fetchone()[0]
-        return {"n": int(n)}
+        fence = self._fences.get(owner)
+        return {"n": int(n), "adopter": fence[1] if fence else None}
+
+    async def _rpc_absorb(self, peer: str, p: Any) -> Any:
+        """`peer` holds copies of an owner I adopted (it was away when I did): I take and adopt
+        them too (ids already mine are skipped)."""
+        owner = p.get("owner") if isinstance(p, dict) else None
+        if not isinstance(owner, str) or self._fences.get(owner, (0, ""))[1] != self.me:
+            raise ArgumentError("owner", "not an owner this node adopted")
+        self.q.spawn(self._absorb, owner, peer)
+        return {"ok": True}
+
+    async def _absorb(self, owner: str, holder: str) -> None:
+        await self._take_from(owner, holder)
+        await self._take_over(owner, self._fences[owner][0])
 
     async def _rpc_take(self, peer: str, p: Any) -> Any:
         """The adopter of `owner` takes my copies of its records, a page at a time (they are
@@ -557,12 +590,40 @@ class Replicator:
             raise ArgumentError("owner", "must be a peer id string")
         if owner != peer and owner in self.q.peers():
             raise ArgumentError("owner", "is connected here: its copies are not for taking")
-        recs = self.db.execute("SELECT task_id, record FROM copies WHERE owner = ? LIMIT ?", (owner, PUSH_BATCH)).fetchall()
-        wfs = self.db.execute("SELECT workflow_id, record FROM wf_copies WHERE owner = ? LIMIT ?",
-                              (owner, PUSH_BATCH)).fetchall()
-        self.db.executemany("DELETE FROM copies WHERE task_id = ?", [(r[0],) for r in recs])
-        self.db.executemany("DELETE FROM wf_copies WHERE workflow_id = ?", [(r[0],) for r in wfs])
-        return {"records": [json.loads(r[1]) for r in recs], "workflows": [json.loads(r[1]) for r in wfs]}
+        done = p.get("stored") or {}
+        if not isinstance(done, dict):
+            raise ArgumentError("stored", "must be {tasks: [ids], workflows: [ids]}")
+        # the previous page is deleted only now that the taker says it stored it
+        self.db.executemany("DELETE FROM copies WHERE task_id = ? AND owner = ?",
+                            [(t, owner) for t in done.get("tasks") or [] if isinstance(t, str)])
+        self.db.executemany("DELETE FROM wf_copies WHERE workflow_id = ? AND owner = ?",
+                            [(w, owner) for w in done.get("workflows") or [] if isinstance(w, str)])
+        page: dict[str, list[Any]] = {"records": [], "workflows": []}
+        size = 0
+        for key, q in (("workflows", "SELECT record FROM wf_copies WHERE owner = ? LIMIT ?"),
+                       ("records", "SELECT record FROM copies WHERE owner = ? LIMIT ?")):
+            for (text,) in self.db.execute(q, (owner, PUSH_BATCH)):
+                if size and size + len(text) > PUT_BYTES:
+                    return page
+                page[key].append(json.loads(text))
+                size += len(text)
+        return page
+
+    async def _take_all(self, owner: str, holder: str, store: Callable[[list[Any], list[Any]], None]) -> None:
+        """Every copy `holder` has of `owner`, a page at a time; each page is deleted there once
+        `store` has kept it here."""
+        stored: dict[str, list[str]] = {}
+        while True:
+            got = await self.q.call(holder, "r.take", {"owner": owner, "stored": stored}, 10.0)
+            recs = got.get("records") if isinstance(got, dict) else None
+            wfs = got.get("workflows") if isinstance(got, dict) else None
+            if not isinstance(recs, list) or not isinstance(wfs, list):
+                raise ArgumentError("records", "a page of copies must hold two lists")
+            if not recs and not wfs:
+                return
+            store(recs, wfs)
+            stored = {"tasks": [str(d.get("task_id")) for d in recs if isinstance(d, dict)],
+                      "workflows": [str(w.get("workflow_id")) for w in wfs if isinstance(w, dict)]}
 
     async def _gather_copies(self, owner: str) -> bool:
         """Before adopting: of the nodes that hold copies of `owner` (a replica set changes as
@@ -570,6 +631,17 @@ class Replicator:
         takes the others' copies first (a final copy wins over an active one). False: another
         node adopts."""
         answers, _ = await self.q.gather("r.held", {"owner": owner}, [p for p in self.q.peers() if p != owner])
+        adopters = {a["adopter"] for pid, a in answers.items() if isinstance(a, dict) and isinstance(a.get("adopter"), str)}
+        adopter = next((a for a in sorted(adopters) if a != self.me and a in answers), None)
+        if adopter is not None:
+            # adopted already while this node was away (down, paused): the adopter takes my copies
+            try:
+                await self.q.call(adopter, "r.absorb", {"owner": owner}, 10.0)
+                log.warning("copies of an owner adopted elsewhere handed to its adopter",
+                            extra=kv(owner=owner, adopter=adopter))
+            except MCPPError as e:
+                log.warning("could not hand copies to the adopter", extra=kv(owner=owner, adopter=adopter, error=str(e)))
+            return False
         holders = [pid for pid, a in answers.items()
                    if pid != self.me and isinstance(a, dict) and isinstance(a.get("n"), int) and a["n"] > 0]
         elected = min([self.me, *holders], key=lambda p: _distance(owner, p))
@@ -577,18 +649,18 @@ class Replicator:
             log.info("a closer holder adopts this owner's records", extra=kv(owner=owner, adopter=elected))
             return False
         for pid in holders:
-            try:
-                while True:
-                    got = await self.q.call(pid, "r.take", {"owner": owner}, 10.0)
-                    recs = got.get("records") if isinstance(got, dict) else None
-                    wfs = got.get("workflows") if isinstance(got, dict) else None
-                    if not recs and not wfs:
-                        break
-                    self._store_copies(owner, recs or [])
-                    self._store_wf_copies(owner, wfs or [])
-            except (MCPPError, ArgumentError) as e:
-                log.warning("could not take a holder's copies", extra=kv(owner=owner, holder=pid, error=str(e)))
+            await self._take_from(owner, pid)
         return True
+
+    async def _take_from(self, owner: str, holder: str) -> None:
+        def keep(recs: list[Any], wfs: list[Any]) -> None:
+            self._store_copies(owner, recs)
+            self._store_wf_copies(owner, wfs)
+
+        try:
+            await self._take_all(owner, holder, keep)
+        except (MCPPError, ArgumentError, TypeError, ValueError, KeyError, AttributeError) as e:
+            log.warning("could not take a holder's copies", extra=kv(owner=owner, holder=holder, error=str(e)))
 
     def _store_wf_copies(self, owner: str, wfs: list[Any]) -> None:
         if not all(isinstance(w, dict) and isinstance(w.get("workflow_id"), str)
@@ -603,6 +675,11 @@ class Replicator:
         which of its tasks still run on a worker, then store them all as mine."""
         if not await self._gather_copies(owner):
             return 0
+        return await self._take_over(owner, max(self._seen.get(owner, 0), self._fences.get(owner, (0, ""))[0]) + 1)
+
+    async def _take_over(self, owner: str, epoch: int) -> int:
+        """Fence `owner` at `epoch`, learn which of the held tasks still run on a worker, then
+        store every held record of it as mine."""
         rows = self.db.execute("SELECT record FROM copies WHERE owner = ?", (owner,)).fetchall()
         recs = []
         for (text,) in rows:
@@ -611,7 +688,6 @@ class Replicator:
             except (ArgumentError, ValueError):
                 continue
         active = sorted(r.task_id for r in recs if not r.final)
-        epoch = max(self._seen.get(owner, 0), self._fences.get(owner, (0, ""))[0]) + 1
         self._fence(owner, epoch, self.me)
         running = {t: (self.me, a) for t, a in self.q.worker.rehome(owner, self.me, set(active)).items()}
         answers, _ = await self.q.gather("r.fence", {"owner": owner, "epoch": epoch, "ids": active},

@@ -700,9 +700,13 @@ class QueueService:
                     if s in FINAL:
                         self.broker.dependency_final(d, s)
             mono = trio.current_time()
+            for d in list(missing):
+                if d not in remote:
+                    del missing[d]
             for d in remote:
-                if d in answered:
-                    missing.pop(d, None)
+                named = owner_of(d)
+                if d in answered or (named is not None and named != self.me and self.reachable(named)):
+                    missing.pop(d, None)  # answered, or its owner is there (the call failed: try again)
                 elif mono - missing.setdefault(d, mono) >= self.config.owner_timeout_s + DEP_LOST_S:
                     missing.pop(d, None)
                     log.warning("dependency lost: no node holds it", extra=kv(task=d, owner=owner_of(d)))
