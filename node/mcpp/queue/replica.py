@@ -115,6 +115,7 @@ class WorkflowHooks:
     records: Callable[[], list[dict[str, Any]]] = list
     adopt: Callable[[list[dict[str, Any]]], int] = lambda recs: 0
     forget: Callable[[list[str]], int] = lambda ids: 0
+    exists: Callable[[str], bool] = lambda workflow_id: False
 
 
 def pack(rec: TaskRecord) -> dict[str, Any]:
@@ -407,7 +408,9 @@ class Replicator:
             return
         n = 0
 
-        def keep(recs: list[Any], wfs: list[Any]) -> None:
+        def keep(recs: list[Any], wfs: list[Any]) -> tuple[list[str], list[str]]:
+            """Only what this node does not hold: a copy of a record it has (accepted since its
+            start) stays where it is, a replica's copy."""
             nonlocal n
             mine = []
             for d in recs:
@@ -416,9 +419,15 @@ class Replicator:
                 except ArgumentError:
                     continue  # a malformed copy is skipped, not the page
             taken = self.q.broker.adopt(mine, {})
-            n += len(taken) + self.workflows.adopt(wfs)
+            new_wfs = [w for w in wfs if isinstance(w, dict) and isinstance(w.get("workflow_id"), str)
+                       and not self.workflows.exists(w["workflow_id"])]
+            n += len(taken) + self.workflows.adopt(new_wfs)
             for r in taken:
-                self.copy_soon(r) if not r.final else self._finals.append(pack(r))
+                if r.final:
+                    self._finals.append(pack(r))
+                else:
+                    self.copy_soon(r)
+            return [r.task_id for r in taken], [w["workflow_id"] for w in new_wfs]
 
         try:
             await self._take_all(self.me, peer, keep)
@@ -609,9 +618,11 @@ class Replicator:
                 size += len(text)
         return page
 
-    async def _take_all(self, owner: str, holder: str, store: Callable[[list[Any], list[Any]], None]) -> None:
-        """Every copy `holder` has of `owner`, a page at a time; each page is deleted there once
-        `store` has kept it here."""
+    async def _take_all(self, owner: str, holder: str,
+                        store: Callable[[list[Any], list[Any]], tuple[list[str], list[str]]]) -> None:
+        """Every copy `holder` has of `owner`, a page at a time: `store` keeps what it takes and
+        says which task and workflow ids; those are deleted there with the next call. A page of
+        which it takes nothing ends the loop."""
         stored: dict[str, list[str]] = {}
         while True:
             got = await self.q.call(holder, "r.take", {"owner": owner, "stored": stored}, 10.0)
@@ -621,9 +632,10 @@ class Replicator:
                 raise ArgumentError("records", "a page of copies must hold two lists")
             if not recs and not wfs:
                 return
-            store(recs, wfs)
-            stored = {"tasks": [str(d.get("task_id")) for d in recs if isinstance(d, dict)],
-                      "workflows": [str(w.get("workflow_id")) for w in wfs if isinstance(w, dict)]}
+            tasks, workflows = store(recs, wfs)
+            stored = {"tasks": tasks, "workflows": workflows}
+            if not tasks and not workflows:
+                return
 
     async def _gather_copies(self, owner: str) -> bool:
         """Before adopting: of the nodes that hold copies of `owner` (a replica set changes as
@@ -653,9 +665,10 @@ class Replicator:
         return True
 
     async def _take_from(self, owner: str, holder: str) -> None:
-        def keep(recs: list[Any], wfs: list[Any]) -> None:
+        def keep(recs: list[Any], wfs: list[Any]) -> tuple[list[str], list[str]]:
             self._store_copies(owner, recs)
             self._store_wf_copies(owner, wfs)
+            return [d["task_id"] for d in recs], [w["workflow_id"] for w in wfs]
 
         try:
             await self._take_all(owner, holder, keep)

@@ -78,7 +78,8 @@ class WorkflowEngine:
         self._waiters: dict[str, trio.Event] = {}
         self.broker.final_hooks.append(self._on_task_final)
         queue.replicator.workflows = WorkflowHooks(
-            records=lambda: [wf_pack(w) for w in self.store.all()], adopt=self._adopt, forget=self._forget)
+            records=lambda: [wf_pack(w) for w in self.store.all()], adopt=self._adopt, forget=self._forget,
+            exists=self.store.exists)
         for method, handler in {
             "wf.submit": self._rpc_submit, "wf.status": self._rpc_status, "wf.cancel": self._rpc_cancel,
             "wf.result": self._rpc_result, "wf.list": self._rpc_list, "wf.where": self._rpc_where,
