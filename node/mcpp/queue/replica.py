@@ -37,12 +37,11 @@ takes the tasks over when their owner has been gone for `owner_timeout_s`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -51,7 +50,8 @@ if TYPE_CHECKING:
 
 from mcpp.errors import ArgumentError, MCPPError
 from mcpp.log import kv
-from mcpp.queue.model import FINAL, RetryPolicy, TaskRecord
+from mcpp.queue.model import FINAL, TaskRecord
+from mcpp.queue.replica_wire import FIELDS, MAX_EPOCH, PUT_BYTES, PUT_MAX, batches, distance, is_epoch, pack, unpack
 from mcpp.queue.store import TaskFilter
 
 __all__ = ["Replicator", "pack", "unpack"]
@@ -67,8 +67,6 @@ PROBE_TIMEOUT_S = 2.0
 FENCE_TIMEOUT_S = 5.0
 HELD_CHECK_S = 10.0
 RESTORE_WINDOW_S = 120.0  # a node that started with an empty store takes its copies back from peers met this soon
-PUT_MAX = 1000  # records read from one r.put
-PUT_BYTES = 1 << 20  # a batch of final records stays well under the RPC frame limit
 MAX_RETRY_FINALS = 50_000
 PUSH_BATCH = 200
 
@@ -104,9 +102,6 @@ _UPSERT = """INSERT INTO copies VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO U
   WHERE copies.final = 0 OR excluded.final = 1
      OR json_extract(excluded.record, '$.seq') > json_extract(copies.record, '$.seq')"""
 _WF_UPSERT = _UPSERT.replace("copies", "wf_copies").replace("task_id", "workflow_id")
-_FIELDS = {f.name for f in dataclasses.fields(TaskRecord)}
-
-
 @dataclasses.dataclass
 class WorkflowHooks:
     """What the workflow engine lends the replicator: its records to copy to new replicas, and
@@ -116,56 +111,6 @@ class WorkflowHooks:
     adopt: Callable[[list[dict[str, Any]]], int] = lambda recs: 0
     forget: Callable[[list[str]], int] = lambda ids: 0
     exists: Callable[[str], bool] = lambda workflow_id: False
-
-
-def pack(rec: TaskRecord) -> dict[str, Any]:
-    d = {f: getattr(rec, f) for f in _FIELDS}
-    d["retry_policy"] = rec.retry_policy.as_dict()
-    return d
-
-
-def unpack(d: Any) -> TaskRecord:
-    """A record sent by a peer: checked field by field (a peer's data is not trusted)."""
-    if not isinstance(d, dict) or set(d) != _FIELDS:
-        raise ArgumentError("records", "each record must have exactly the task record's fields")
-    if not isinstance(d["task_id"], str) or not isinstance(d["task_type"], str) or not isinstance(d["owner"], str):
-        raise ArgumentError("records", "task_id, task_type and owner must be strings")
-    try:
-        rp = RetryPolicy.parse(d["retry_policy"])
-        vals = {**d, "retry_policy": rp}
-        for k in ("depends_on", "tags", "logs", "history"):
-            vals[k] = tuple(d[k] or ())
-        return TaskRecord(**vals)
-    except (TypeError, ValueError) as e:
-        raise ArgumentError("records", f"not a task record: {e}") from None
-
-
-MAX_EPOCH = 2**53
-
-
-def _is_epoch(x: Any) -> TypeGuard[int]:
-    """A peer's epoch: bounded, so that SQLite stores it (a peer's data is not trusted)."""
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_EPOCH
-
-
-def _distance(a: str, b: str) -> int:
-    ha = int.from_bytes(hashlib.sha256(a.encode()).digest(), "big")
-    hb = int.from_bytes(hashlib.sha256(b.encode()).digest(), "big")
-    return ha ^ hb
-
-
-def _batches(recs: list[dict[str, Any]], most: int = PUT_MAX) -> list[list[dict[str, Any]]]:
-    """At most `most` records and about PUT_BYTES of payloads and results a batch."""
-    out: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for d in recs:
-        sz = len(json.dumps([d.get("payload"), d.get("result")], separators=(",", ":")))
-        if out[-1] and (len(out[-1]) >= most or size + sz > PUT_BYTES):
-            out.append([])
-            size = 0
-        out[-1].append(d)
-        size += sz
-    return out if out[0] else []
 
 
 @dataclasses.dataclass
@@ -232,11 +177,11 @@ class Replicator:
 
     # ---- owner side --------------------------------------------------------------------
     def replica_peers(self) -> list[str]:
-        return self._by_distance()[: self.copies] if self.copies > 0 else []
+        return self._bydistance()[: self.copies] if self.copies > 0 else []
 
-    def _by_distance(self) -> list[str]:
+    def _bydistance(self) -> list[str]:
         peers = self.q.peers()
-        peers.sort(key=lambda p: _distance(self.me, p))
+        peers.sort(key=lambda p: distance(self.me, p))
         return peers
 
     async def replicate(self, rec: TaskRecord) -> int | None:
@@ -296,7 +241,7 @@ class Replicator:
                        wfs: list[dict[str, Any]] | None = None) -> None:
         try:
             held = len(peers)
-            for i, part in enumerate(_batches(batch) or [[]]):
+            for i, part in enumerate(batches(batch) or [[]]):
                 body: dict[str, Any] = {"records": part}
                 if wfs and i == 0:
                     body["workflows"] = wfs
@@ -304,7 +249,7 @@ class Replicator:
                 if missing:
                     # a replica that does not answer (paused, overloaded, just gone): the next
                     # closest peers hold the copy instead (an adopter gathers every holder's)
-                    spare = [p for p in self._by_distance() if p not in peers][:missing]
+                    spare = [p for p in self._bydistance() if p not in peers][:missing]
                     if spare:
                         missing -= len(spare) - len(await self._send(spare, body, PUT_TIMEOUT_S))
                 held = min(held, len(peers) - missing)
@@ -336,7 +281,7 @@ class Replicator:
         """Final records (kept by the replicas) and removed ids. Kept for the next flush while a
         replica that is still in the set did not get them."""
         failed: set[str] = set()
-        for part in _batches(finals, FINAL_BATCH):
+        for part in batches(finals, FINAL_BATCH):
             failed.update(await self._send(peers, {"records": part}))
         for i in range(0, len(drops), PUT_MAX):
             failed.update(await self._send(peers, {"records": [], "drop": drops[i : i + PUT_MAX]}))
@@ -362,7 +307,7 @@ class Replicator:
         ids = self.q.store.ids(TaskFilter())
         for i in range(0, len(ids), PUSH_BATCH):
             recs = [pack(r) for r in self.q.store.get_many(ids[i : i + PUSH_BATCH]).values()]
-            for part in _batches(recs):
+            for part in batches(recs):
                 await self._send(peers, {"records": part})
         if ids:
             log.info("records copied to new replicas", extra=kv(peers=peers, tasks=len(ids)))
@@ -395,7 +340,7 @@ class Replicator:
             dropped = self.q.broker.forget([t for t in ids if isinstance(t, str)])
             log.warning("tasks adopted by a replica while this node was away: dropped here",
                         extra=kv(peer=peer, tasks=dropped))
-        if _is_epoch(epoch) and epoch > self.epoch:
+        if is_epoch(epoch) and epoch > self.epoch:
             self._set_epoch(self.me, epoch)
             self.q.broker.epoch = epoch
             log.warning("fenced by an adopter: epoch raised", extra=kv(adopter=peer, epoch=epoch))
@@ -438,7 +383,7 @@ class Replicator:
                         extra=kv(peer=peer, records=n))
 
     def _on_fenced(self, epoch: int, adopter: str) -> None:
-        if _is_epoch(epoch) and epoch > self.epoch:
+        if is_epoch(epoch) and epoch > self.epoch:
             self.q.spawn(self._reconcile, adopter, True)
 
     def _set_epoch(self, owner: str, epoch: int) -> None:
@@ -489,7 +434,7 @@ class Replicator:
         rows = []
         for d in recs[:PUT_MAX]:
             # the shape only: a copy is read in full (unpack) if it is ever adopted
-            if not isinstance(d, dict) or d.keys() != _FIELDS or not isinstance(d["task_id"], str):
+            if not isinstance(d, dict) or d.keys() != FIELDS or not isinstance(d["task_id"], str):
                 raise ArgumentError("records", "each record must have exactly the task record's fields")
             if d["owner"] != peer:
                 raise ArgumentError("records", "a peer may only replicate tasks it owns")
@@ -506,7 +451,7 @@ class Replicator:
             raise ArgumentError("records", "must be a list")
         if not isinstance(wfs, list):
             raise ArgumentError("workflows", "must be a list of workflow records")
-        if not _is_epoch(epoch):
+        if not is_epoch(epoch):
             raise ArgumentError("epoch", f"must be the owner's epoch, an integer from 0 to {MAX_EPOCH}")
         self.db.execute("BEGIN")
         try:
@@ -546,7 +491,7 @@ class Replicator:
         ids = p.get("ids") if isinstance(p, dict) else None
         if not isinstance(owner, str) or owner == peer or owner == self.me:
             raise ArgumentError("owner", "must be the peer id of another node")
-        if not _is_epoch(epoch) or epoch < 1:
+        if not is_epoch(epoch) or epoch < 1:
             raise ArgumentError("epoch", f"must be an integer from 1 to {MAX_EPOCH}")
         if not isinstance(ids, list):
             raise ArgumentError("ids", "must be a list of task ids")
@@ -656,7 +601,7 @@ class Replicator:
             return False
         holders = [pid for pid, a in answers.items()
                    if pid != self.me and isinstance(a, dict) and isinstance(a.get("n"), int) and a["n"] > 0]
-        elected = min([self.me, *holders], key=lambda p: _distance(owner, p))
+        elected = min([self.me, *holders], key=lambda p: distance(owner, p))
         if elected != self.me:
             log.info("a closer holder adopts this owner's records", extra=kv(owner=owner, adopter=elected))
             return False
@@ -729,7 +674,7 @@ class Replicator:
         log.warning("adopted the tasks of a lost owner", extra=kv(owner=owner, tasks=n, workflows=n_wf,
                                                                   running_elsewhere=len(running), epoch=epoch))
         if adopted and self.replica_peers():  # they are mine now: my replicas hold them too
-            for part in _batches([pack(r) for r in adopted]):
+            for part in batches([pack(r) for r in adopted]):
                 self.q.spawn(self._send, self.replica_peers(), {"records": part})
         return n
 
